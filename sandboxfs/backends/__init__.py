@@ -1,0 +1,25 @@
+"""Backends: how to reach each kind of sandbox.
+
+`open_backend` connects to the sandbox a `Source` names and returns a
+connected `Backend`, whose background tasks run in the given nursery.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..backend import Backend, ConnectError
+from ..sources import Source
+
+
+async def open_backend(nursery: trio.Nursery, source: Source) -> Backend:
+    """Connect to a sandbox; raise ConnectError with a one-line message."""
+    if source.scheme == "local":
+        from .local import connect_local
+
+        return await connect_local(nursery, source.root)
+    if source.scheme == "docker":
+        from .docker import connect_docker
+
+        return await connect_docker(nursery, source.target, root=source.root, user=source.user)
+    raise ConnectError(f"unknown source type {source.scheme!r}")

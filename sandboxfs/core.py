@@ -1,0 +1,427 @@
+"""The filesystem core: inodes, open handles, caches, in terms of a Backend.
+
+The core knows nothing of pyfuse3's types: `sandboxfs.fuse` converts FUSE
+requests into calls here and the results into replies. Errors leave the core
+as `FsError` (a local check failed) or `BackendError` (the sandbox refused);
+`sandboxfs.fuse` turns both into errno values in one place.
+
+Caveats:
+- One inode stands for one path, so two hard links to a file have two inode
+  numbers through the mount (both show the link count).
+- A file that is unlinked while open can no longer be read through the open
+  handle unless its data is staged locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat as stat_module
+
+import trio
+
+from .backend import Backend, BackendError, Stat, StatFs
+from .inodes import InodeTable, Node
+from .options import MountOptions
+from .staging import StagedFile
+from .symlinks import contain_target
+
+logger = logging.getLogger(__name__)
+
+NAME_MAX = 255
+
+
+class FsError(Exception):
+    """A request failed a local check; `errno` says how."""
+
+    def __init__(self, number: int, message: str = "") -> None:
+        super().__init__(number, message or os.strerror(number))
+        self.errno = number
+
+
+@dataclasses.dataclass
+class Handle:
+    node: Node
+    flags: int
+    writable: bool
+    # The sandbox file's size when opened, for a StagedFile made at first write.
+    remote_size: int = 0
+
+
+@dataclasses.dataclass
+class Changes:
+    """What a setattr request changes; None leaves a value as it is."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class FilesystemCore:
+    """A sandbox's files, as inodes and open handles."""
+
+    def __init__(self, backend: Backend, options: MountOptions) -> None:
+        self.backend = backend
+        self.options = options
+        self.table = InodeTable(backend.root)
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, list[tuple[str, Stat]]] = {}
+        self.dir_handles_nodes: dict[int, Node] = {}
+        self._next_fh = 1
+        self.local_uid = os.getuid()
+        self.local_gid = os.getgid()
+        os.makedirs(options.staging_dir, mode=0o700, exist_ok=True)
+
+    # Helpers.
+
+    def node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise FsError(errno.ESTALE)
+        return node
+
+    def path(self, node: Node) -> str:
+        if node.detached:
+            raise FsError(errno.ENOENT)
+        return self.table.path(node)
+
+    def child_path(self, parent: Node, name: str) -> str:
+        check_name(name)
+        return _join(self.path(parent), name)
+
+    def _now(self) -> float:
+        return trio.current_time()
+
+    def remember(self, node: Node, st: Stat) -> Stat:
+        node.attr = st
+        node.attr_expiry = self._now() + self.options.attr_timeout
+        return self.display(node, st)
+
+    def display(self, node: Node, st: Stat) -> Stat:
+        """Return attributes as the mount shows them (id mapping, staged size)."""
+        changes = {}
+        staged = node.dirty
+        if staged is not None:
+            changes["size"] = staged.size
+        if self.options.idmap == "user":
+            identity = self.backend.identity
+            if st.uid == identity.uid:
+                changes["uid"] = self.local_uid
+            if st.gid == identity.gid:
+                changes["gid"] = self.local_gid
+        return dataclasses.replace(st, **changes) if changes else st
+
+    def _sandbox_ids(self, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
+        if self.options.idmap == "user":
+            if uid == self.local_uid:
+                uid = self.backend.identity.uid
+            if gid == self.local_gid:
+                gid = self.backend.identity.gid
+        return uid, gid
+
+    def _forget_attr(self, node: Node) -> None:
+        node.attr_expiry = 0.0
+
+    def _new_entry(self, parent: Node, name: str, st: Stat) -> tuple[Node, Stat]:
+        node = self.table.add(parent, name)
+        node.lookups += 1
+        return node, self.remember(node, st)
+
+    # Names and attributes.
+
+    async def lookup(self, parent_ino: int, name: str) -> tuple[Node, Stat]:
+        """Return the node for a name, counting one lookup. ENOENT if absent."""
+        parent = self.node(parent_ino)
+        path = self.child_path(parent, name)
+        st = await self.backend.stat(path)
+        return self._new_entry(parent, name, st)
+
+    async def getattr(self, ino: int) -> tuple[Node, Stat]:
+        node = self.node(ino)
+        if node.attr is not None and node.attr_expiry > self._now():
+            return node, self.display(node, node.attr)
+        st = await self.backend.stat(self.path(node))
+        return node, self.remember(node, st)
+
+    async def setattr(self, ino: int, changes: Changes) -> tuple[Node, Stat]:
+        node = self.node(ino)
+        path = self.path(node)
+        staged = node.dirty
+
+        if changes.size is not None:
+            if staged is not None:
+                staged.truncate(changes.size)
+            else:
+                await self.backend.truncate(path, changes.size)
+        if changes.mode is not None:
+            await self.backend.chmod(path, stat_module.S_IMODE(changes.mode))
+        if changes.uid is not None or changes.gid is not None:
+            uid, gid = self._sandbox_ids(changes.uid, changes.gid)
+            await self.backend.chown(path, uid, gid)
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            # Pending writes would change the mtime after it was set (cp -p
+            # sets times on the open file before closing it): send them first.
+            if staged is not None and staged.needs_upload:
+                await self._upload(node, staged)
+            await self.backend.utimens(path, changes.atime_ns, changes.mtime_ns)
+
+        st = await self.backend.stat(path)
+        return node, self.remember(node, st)
+
+    async def readlink(self, ino: int) -> str:
+        node = self.node(ino)
+        path = self.path(node)
+        target = await self.backend.readlink(path)
+        if self.options.symlinks == "raw":
+            return target
+        shown = contain_target(target, path, self.backend.root)
+        if shown is None:
+            logger.info("symlink %r -> %r leads outside the mount; readlink gives EPERM", path, target)
+            raise FsError(errno.EPERM)
+        return shown
+
+    # Creating and removing names.
+
+    async def mknod(self, parent_ino: int, name: str, mode: int, rdev: int) -> tuple[Node, Stat]:
+        parent = self.node(parent_ino)
+        st = await self.backend.mknod(self.child_path(parent, name), mode, rdev)
+        return self._new_entry(parent, name, st)
+
+    async def mkdir(self, parent_ino: int, name: str, mode: int) -> tuple[Node, Stat]:
+        parent = self.node(parent_ino)
+        st = await self.backend.mkdir(self.child_path(parent, name), stat_module.S_IMODE(mode))
+        return self._new_entry(parent, name, st)
+
+    async def symlink(self, parent_ino: int, name: str, target: str) -> tuple[Node, Stat]:
+        parent = self.node(parent_ino)
+        st = await self.backend.symlink(target, self.child_path(parent, name))
+        return self._new_entry(parent, name, st)
+
+    async def link(self, ino: int, parent_ino: int, name: str) -> tuple[Node, Stat]:
+        node = self.node(ino)
+        parent = self.node(parent_ino)
+        st = await self.backend.link(self.path(node), self.child_path(parent, name))
+        self._forget_attr(node)
+        return self._new_entry(parent, name, st)
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        parent = self.node(parent_ino)
+        await self.backend.unlink(self.child_path(parent, name))
+        self.table.detach(parent, name)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        parent = self.node(parent_ino)
+        await self.backend.rmdir(self.child_path(parent, name))
+        self.table.detach(parent, name)
+
+    async def rename(self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, noreplace: bool) -> None:
+        old_parent = self.node(old_parent_ino)
+        new_parent = self.node(new_parent_ino)
+        old_path = self.child_path(old_parent, old_name)
+        new_path = self.child_path(new_parent, new_name)
+        await self.backend.rename(old_path, new_path, noreplace=noreplace)
+        self.table.move(old_parent, old_name, new_parent, new_name)
+        moved = self.table.child(new_parent, new_name)
+        if moved is not None:
+            # rename(2) changes the ctime.
+            self._forget_attr(moved)
+
+    # Files.
+
+    def _new_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        handle.node.open_count += 1
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return handle
+
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int) -> tuple[int, Node, Stat]:
+        parent = self.node(parent_ino)
+        st = await self.backend.create(self.child_path(parent, name), stat_module.S_IMODE(mode), exclusive=True)
+        node, shown = self._new_entry(parent, name, st)
+        node.cached_version = (st.size, st.mtime_ns)
+        fh = self._new_handle(Handle(node, flags, writable=True, remote_size=0))
+        return fh, node, shown
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; return the handle and whether the page cache stays valid.
+
+        Close-to-open consistency: the attributes are fetched again, and the
+        kernel's cached pages are kept only if size and mtime did not change.
+        """
+        node = self.node(ino)
+        path = self.path(node)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        truncate = writable and bool(flags & os.O_TRUNC)
+
+        if node.dirty is not None:
+            # Another handle has pending writes; the cached pages are ours.
+            if truncate:
+                node.dirty.truncate(0)
+            return self._new_handle(Handle(node, flags, writable, node.dirty.remote_size)), True
+
+        if truncate:
+            await self.backend.truncate(path, 0)
+        st = await self.backend.stat(path)
+        if st.is_dir:
+            raise FsError(errno.EISDIR)
+        self.remember(node, st)
+        version = (st.size, st.mtime_ns)
+        keep_cache = node.cached_version == version and not truncate
+        node.cached_version = version
+        return self._new_handle(Handle(node, flags, writable, st.size)), keep_cache
+
+    def _staged(self, handle: Handle) -> StagedFile:
+        node = handle.node
+        if node.dirty is None:
+            node.dirty = StagedFile(self.options.staging_dir, handle.remote_size)
+        return node.dirty
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.handle(fh)
+        node = handle.node
+        staged = node.dirty
+        if staged is not None:
+            return await staged.read(self.backend, self.path(node), offset, size)
+        return await self.backend.read(self.path(node), offset, size)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.handle(fh)
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        return self._staged(handle).write(offset, data)
+
+    async def flush(self, fh: int) -> None:
+        handle = self.handle(fh)
+        staged = handle.node.dirty
+        if staged is not None and staged.needs_upload:
+            await self._upload(handle.node, staged)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self.handle(fh)
+        node = handle.node
+        if node.dirty is not None and node.dirty.needs_upload:
+            await self._upload(node, node.dirty)
+        await self.backend.fsync(self.path(node))
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        staged = node.dirty
+        try:
+            if staged is not None and staged.needs_upload:
+                await self._upload(node, staged)
+        except (BackendError, FsError):
+            pass  # _upload logged it and kept the data
+        finally:
+            remaining = sum(1 for other in self.handles.values() if other.node is node)
+            if staged is not None and remaining == 0:
+                staged.close()
+                node.dirty = None
+            self.table.release(node)
+
+    async def _upload(self, node: Node, staged: StagedFile) -> None:
+        """Send a file's pending writes; on failure keep them and raise EIO."""
+        if node.detached:
+            # The name is gone, so no program can read these bytes any more,
+            # as on a local filesystem where an unlinked file is freed.
+            staged.dirty.ranges.clear()
+            staged.floor = staged.remote_size = staged.size
+            return
+        path = self.path(node)
+        try:
+            await staged.upload(self.backend, path)
+        except BackendError as exc:
+            copy = self._save_recovery(staged, path)
+            logger.error("upload of %r failed (%s); the written data is kept in %s", path, exc, copy)
+            raise FsError(errno.EIO) from exc
+        self._forget_attr(node)
+        try:
+            st = await self.backend.stat(path, follow=True)
+        except BackendError:
+            return
+        self.remember(node, st)
+        node.cached_version = (st.size, st.mtime_ns)
+
+    def _save_recovery(self, staged: StagedFile, path: str) -> str:
+        try:
+            return staged.save_recovery(self.options.recovery_dir, path)
+        except OSError as exc:
+            logger.error("could not save %r to the recovery directory %s: %s", path, self.options.recovery_dir, exc)
+            return "(nowhere: the recovery directory is not writable)"
+
+    async def flush_all(self) -> None:
+        """Upload every file's pending writes, as at unmount."""
+        for node in {handle.node for handle in self.handles.values()}:
+            staged = node.dirty
+            if staged is not None and staged.needs_upload:
+                try:
+                    await self._upload(node, staged)
+                except FsError:
+                    pass
+
+    # Directories.
+
+    async def opendir(self, ino: int) -> int:
+        node = self.node(ino)
+        entries = await self.backend.list_dir(self.path(node))
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dir_handles[fh] = entries
+        node.open_count += 1
+        self.dir_handles_nodes[fh] = node
+        return fh
+
+    def readdir_entries(self, fh: int) -> list[tuple[str, Stat]]:
+        entries = self.dir_handles.get(fh)
+        if entries is None:
+            raise FsError(errno.EBADF)
+        return entries
+
+    def dir_node(self, fh: int) -> Node:
+        return self.dir_handles_nodes[fh]
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+        node = self.dir_handles_nodes.pop(fh, None)
+        if node is not None:
+            self.table.release(node)
+
+    def readdir_node(self, parent: Node, name: str, st: Stat) -> tuple[Node, Stat]:
+        """Return the node for a listed entry without counting a lookup."""
+        node = self.table.add(parent, name)
+        return node, self.remember(node, st)
+
+    # The filesystem as a whole.
+
+    async def statfs(self) -> StatFs:
+        return await self.backend.statfs(self.backend.root)
+
+    def forget(self, inodes: list[tuple[int, int]]) -> None:
+        for ino, count in inodes:
+            self.table.forget(ino, count)
+
+
+def _join(directory: str, name: str) -> str:
+    return directory + name if directory.endswith("/") else directory + "/" + name
+
+
+def check_name(name: str) -> None:
+    """Reject a name that must never reach the backend."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise FsError(errno.EINVAL)
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)

@@ -1,0 +1,340 @@
+"""Mounting, serving and unmounting: the life of one sandboxfs process.
+
+`mount` checks the mount point, then (unless in the foreground) forks a
+server process that connects to the sandbox, mounts, and tells the parent
+over a pipe that the mount is ready or why it failed. The parent prints that
+one line and exits, as sshfs does. trio cannot survive a fork, so the fork
+happens before trio starts.
+
+Each mount leaves a state file (pid, source, log file) in the runtime
+directory, which `list` and `umount` read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyfuse3
+import trio
+
+from .backend import ConnectError
+from .backends import open_backend
+from .core import FilesystemCore
+from .fuse_ops import Operations
+from .options import MountOptions, state_dir
+from .sources import Source
+
+logger = logging.getLogger(__name__)
+
+FSTYPE = "fuse.sandboxfs"
+# Seconds to upload pending writes when the mount is stopped.
+FLUSH_ON_EXIT_TIMEOUT = 300.0
+
+
+class MountError(Exception):
+    """A mount or unmount failed; the message is one line for the user."""
+
+
+def runtime_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "sandboxfs")
+    if os.getuid() == 0:
+        return "/run/sandboxfs"
+    return f"/tmp/sandboxfs-{os.getuid()}"
+
+
+def _state_path(mountpoint: str) -> str:
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    return os.path.join(runtime_dir(), "mounts", f"{digest}.json")
+
+
+def default_log_file(mountpoint: str) -> str:
+    name = mountpoint.strip("/").replace("/", "_") or "root"
+    return os.path.join(state_dir(), "log", f"{name}.log")
+
+
+# Mount table.
+
+
+@dataclasses.dataclass
+class MountInfo:
+    mountpoint: str
+    source: str
+    fstype: str
+    pid: int | None = None
+    log_file: str | None = None
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as \ooo.
+    raw = os.fsencode(field)
+    out = bytearray()
+    index = 0
+    while index < len(raw):
+        if raw[index] == 0x5C and index + 3 < len(raw) + 1 and raw[index + 1 : index + 4].isdigit():
+            out.append(int(raw[index + 1 : index + 4], 8))
+            index += 4
+        else:
+            out.append(raw[index])
+            index += 1
+    return os.fsdecode(bytes(out))
+
+
+def mounted() -> list[MountInfo]:
+    """Return the sandboxfs mounts of this mount namespace."""
+    mounts = []
+    with open("/proc/self/mountinfo", "rb") as table:
+        for line in table:
+            fields = os.fsdecode(line.rstrip(b"\n")).split(" ")
+            separator = fields.index("-")
+            fstype, source = fields[separator + 1], fields[separator + 2]
+            if fstype != FSTYPE:
+                continue
+            info = MountInfo(_unescape(fields[4]), _unescape(source), fstype)
+            state = _read_state(info.mountpoint)
+            if state:
+                info.pid = state.get("pid")
+                info.log_file = state.get("log_file")
+            mounts.append(info)
+    return mounts
+
+
+def _read_state(mountpoint: str) -> dict | None:
+    try:
+        with open(_state_path(mountpoint), encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(mountpoint: str, source: Source, log_file: str | None) -> None:
+    path = _state_path(mountpoint)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    state = {"pid": os.getpid(), "source": str(source), "mountpoint": mountpoint, "log_file": log_file}
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(state, file)
+    os.replace(path + ".tmp", path)
+
+
+def _remove_state(mountpoint: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_state_path(mountpoint))
+
+
+def _is_mounted(mountpoint: str) -> bool:
+    with open("/proc/self/mountinfo", "rb") as table:
+        for line in table:
+            if _unescape(os.fsdecode(line.split(b" ")[4])) == mountpoint:
+                return True
+    return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Mount.
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Return the absolute mount point, or raise MountError saying what to fix."""
+    path = os.path.abspath(mountpoint)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("FUSE is not available (/dev/fuse is missing): load the fuse module or install fuse3")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 was not found: install the fuse3 package")
+    if _is_mounted(path):
+        raise MountError(f"mount point {path!r} is busy: something is mounted there; unmount it with `sandboxfs umount {path}`")
+    if not os.path.lexists(path):
+        raise MountError(f"mount point {path!r} does not exist: create it with `mkdir -p {path}`")
+    if not os.path.isdir(path):
+        raise MountError(f"mount point {path!r} is not a directory: give an empty directory")
+    return path
+
+
+def _fsname(source: Source) -> str:
+    # libfuse splits -o options at commas; a backslash escapes one.
+    return str(source).replace("\\", "\\\\").replace(",", "\\,")
+
+
+def _fuse_options(source: Source, options: MountOptions) -> set[str]:
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options.add(f"fsname={_fsname(source)}")
+    fuse_options.add("subtype=sandboxfs")
+    if options.read_only:
+        fuse_options.add("ro")
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    if options.debug:
+        fuse_options.add("debug")
+    return fuse_options
+
+
+async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready, log_file: str | None = None) -> None:
+    """Connect, mount, and serve until unmounted or signalled."""
+    async with trio.open_nursery() as nursery:
+        backend = await open_backend(nursery, source)
+        core = FilesystemCore(backend, options)
+        try:
+            pyfuse3.init(Operations(core), mountpoint, _fuse_options(source, options))
+        except RuntimeError as exc:
+            await backend.aclose()
+            raise MountError(f"could not mount on {mountpoint!r} ({exc}): check that it is an empty directory you own") from exc
+        _write_state(mountpoint, source, log_file)
+        logger.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
+        on_ready()
+        nursery.start_soon(_stop_on_signal)
+        try:
+            await pyfuse3.main()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(FLUSH_ON_EXIT_TIMEOUT):
+                    await core.flush_all()
+                pyfuse3.close(unmount=_is_mounted(mountpoint))
+                _remove_state(mountpoint)
+                await backend.aclose()
+                logger.info("unmounted %s from %s", source, mountpoint)
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            logger.info("received %s: uploading pending writes, then unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _setup_logging(debug: bool, log_file: str | None) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    handlers: list[logging.Handler] = []
+    if log_file:
+        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    if not debug:
+        # pyfuse3 logs each request at DEBUG; keep only its warnings.
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def mount(source: Source, mountpoint: str, options: MountOptions, foreground: bool = False, log_file: str | None = None) -> None:
+    """Mount `source`; return once it is ready (or, in the foreground, unmounted)."""
+    mountpoint = check_mountpoint(mountpoint)
+    if foreground:
+        _setup_logging(options.debug, log_file)
+        trio.run(serve, source, mountpoint, options, lambda: None, log_file)
+        return
+    log_file = log_file or default_log_file(mountpoint)
+    _daemonize_and_serve(source, mountpoint, options, log_file)
+
+
+def _daemonize_and_serve(source: Source, mountpoint: str, options: MountOptions, log_file: str) -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        message = _read_all(read_end)
+        os.close(read_end)
+        if message != b"ready":
+            os.waitpid(pid, 0)
+            raise MountError(message.decode("utf-8", "replace").strip() or f"the mount process ended without a message; see {log_file}")
+        return
+
+    # The server process: never returns.
+    os.close(read_end)
+    os.setsid()
+    code = 0
+    try:
+        _setup_logging(options.debug, log_file)
+
+        def on_ready() -> None:
+            os.write(write_end, b"ready")
+            os.close(write_end)
+            _detach_stdio()
+
+        trio.run(serve, source, mountpoint, options, on_ready, log_file)
+    except (ConnectError, MountError) as exc:
+        logger.error("%s", exc)
+        _report(write_end, str(exc))
+        code = 1
+    except BaseException as exc:  # the parent must hear of any failure
+        logger.exception("mount of %s failed", source)
+        _report(write_end, f"mount of {source} failed: {exc!r}; see {log_file}")
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _report(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode("utf-8", "replace"))
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+# Unmount.
+
+
+def find_mount(mountpoint: str) -> MountInfo:
+    path = os.path.abspath(mountpoint)
+    for info in mounted():
+        if info.mountpoint == path:
+            return info
+    raise MountError(f"{path!r} is not a sandboxfs mount point: `sandboxfs list` shows the active ones")
+
+
+def umount(mountpoint: str, lazy: bool = False, wait: float = 120.0) -> None:
+    """Unmount; return once the server process has uploaded and exited."""
+    info = find_mount(mountpoint)
+    command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + ["--", info.mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit code {result.returncode}"
+        if "busy" in detail.lower():
+            raise MountError(
+                f"mount point {info.mountpoint!r} is busy: a program has a file or directory open there; "
+                "close it, or use `sandboxfs umount --lazy`"
+            )
+        raise MountError(f"could not unmount {info.mountpoint!r}: {detail}")
+    deadline = time.monotonic() + wait
+    while pid_alive(info.pid) and time.monotonic() < deadline and not lazy:
+        time.sleep(0.05)
+    if pid_alive(info.pid) and not lazy:
+        raise MountError(f"unmounted {info.mountpoint!r}, but its process {info.pid} is still uploading after {wait:.0f} s; see {info.log_file}")
