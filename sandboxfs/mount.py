@@ -224,6 +224,31 @@ async def _stop_on_signal() -> None:
             return
 
 
+def _run_server(source: Source, mountpoint: str, options: MountOptions, on_ready, log_file: str | None) -> None:
+    """Run `serve`; raise a ConnectError or MountError as itself, not in a group."""
+    try:
+        trio.run(serve, source, mountpoint, options, on_ready, log_file)
+    except BaseExceptionGroup as group:
+        # trio wraps errors raised inside a nursery in an exception group.
+        leaves = _leaves(group)
+        for leaf in leaves:
+            if isinstance(leaf, (ConnectError, MountError)):
+                raise leaf from None
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves
+
+
 def _setup_logging(debug: bool, log_file: str | None) -> None:
     level = logging.DEBUG if debug else logging.INFO
     handlers: list[logging.Handler] = []
@@ -243,7 +268,7 @@ def mount(source: Source, mountpoint: str, options: MountOptions, foreground: bo
     mountpoint = check_mountpoint(mountpoint)
     if foreground:
         _setup_logging(options.debug, log_file)
-        trio.run(serve, source, mountpoint, options, lambda: None, log_file)
+        _run_server(source, mountpoint, options, lambda: None, log_file)
         return
     log_file = log_file or default_log_file(mountpoint)
     _daemonize_and_serve(source, mountpoint, options, log_file)
@@ -267,13 +292,16 @@ def _daemonize_and_serve(source: Source, mountpoint: str, options: MountOptions,
     code = 0
     try:
         _setup_logging(options.debug, log_file)
+        # Processes started from here on (agents, libfuse's fusermount3)
+        # inherit these descriptors: they must not hold the caller's
+        # terminal or pipes open, and what they print belongs in the log.
+        _redirect_stdio(log_file)
 
         def on_ready() -> None:
             os.write(write_end, b"ready")
             os.close(write_end)
-            _detach_stdio()
 
-        trio.run(serve, source, mountpoint, options, on_ready, log_file)
+        _run_server(source, mountpoint, options, on_ready, log_file)
     except (ConnectError, MountError) as exc:
         logger.error("%s", exc)
         _report(write_end, str(exc))
@@ -302,11 +330,14 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
 
 
-def _detach_stdio() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
+def _redirect_stdio(log_file: str) -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
     os.close(null)
+    log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
 
 
 # Unmount.
