@@ -1,0 +1,185 @@
+"""Fixtures: real sandboxes, real mounts.
+
+`sandbox` is parametrized by backend: a host directory (`local`), a Debian
+container with python3 (the agent path) and a busybox container without it
+(the shell fallback). Each backend is mounted once per session through the
+`sandboxfs` command; each test gets a fresh directory in it (`workdir`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBIAN_IMAGE = os.environ.get("SANDBOXFS_TEST_DEBIAN_IMAGE", "sandboxfs-test/debian:latest")
+BUSYBOX_IMAGE = os.environ.get("SANDBOXFS_TEST_BUSYBOX_IMAGE", "sandboxfs-test/busybox:latest")
+BACKENDS = ["local", "docker-debian", "docker-busybox"]
+
+
+def sandboxfs(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the sandboxfs command as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sandboxfs", *args], capture_output=True, text=True, cwd=REPO, **kwargs
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"sandboxfs {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def docker(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, check=check, input=input)
+
+
+class Mount:
+    """A sandboxfs mount started with the command line; unmounted by `close`."""
+
+    def __init__(self, source: str, *options: str) -> None:
+        self.source = source
+        self.path = tempfile.mkdtemp(prefix="sbxtest-mnt-")
+        self.state = tempfile.mkdtemp(prefix="sbxtest-state-")
+        self.log_file = os.path.join(self.state, "mount.log")
+        self.recovery_dir = os.path.join(self.state, "recovery")
+        sandboxfs(
+            "mount",
+            "--log-file",
+            self.log_file,
+            "--recovery-dir",
+            self.recovery_dir,
+            *options,
+            source,
+            self.path,
+            env={**os.environ, "XDG_STATE_HOME": self.state},
+        )
+
+    def log(self) -> str:
+        with open(self.log_file, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def close(self) -> None:
+        result = sandboxfs("umount", self.path, check=False)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+        os.rmdir(self.path)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+class Sandbox:
+    """One sandbox: where its files are, and how to run a command inside it."""
+
+    def __init__(self, kind: str, root: str, container: str | None = None) -> None:
+        self.kind = kind
+        self.root = root
+        self.container = container
+
+    @property
+    def source(self) -> str:
+        if self.container is None:
+            return f"local://{self.root}"
+        return f"docker://{self.container}:{self.root}"
+
+    def run(self, script: str, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run `sh -c script sh args...` in the sandbox; args never enter the script text."""
+        argv = ["sh", "-c", script, "sh", *args]
+        if self.container is None:
+            result = subprocess.run(argv, capture_output=True)
+        else:
+            prefix = ["exec"] + (["--user", user] if user else []) + [self.container]
+            result = docker(*prefix, *argv, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"in {self.kind}: {script!r} {args!r} failed: {result.stderr!r}")
+        return result
+
+    def read(self, path: str) -> bytes:
+        return self.run('cat -- "$1"', path).stdout
+
+    def write(self, path: str, data: bytes) -> None:
+        if self.container is None:
+            with open(path, "wb") as file:
+                file.write(data)
+        else:
+            result = docker("exec", "-i", self.container, "sh", "-c", 'cat > "$1"', "sh", path, input=data, check=False)
+            assert result.returncode == 0, result.stderr
+
+
+def _start_container(image: str, *extra: str) -> str:
+    name = f"sbxtest-{uuid.uuid4().hex[:10]}"
+    result = docker("run", "-d", "--name", name, *extra, image, "sleep", "infinity", check=False)
+    if result.returncode != 0:
+        pytest.fail(f"could not start a container from {image}: {result.stderr.decode().strip()} (run scripts/testbed images)")
+    return name
+
+
+@pytest.fixture(scope="session")
+def containers():
+    """Start containers on first use; remove each one this session started."""
+    started: dict[str, str] = {}
+
+    def get(image: str, *extra: str, key: str | None = None) -> str:
+        key = key or image
+        if key not in started:
+            started[key] = _start_container(image, *extra)
+        return started[key]
+
+    yield get
+    for name in started.values():
+        docker("rm", "-f", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def local_root():
+    root = tempfile.mkdtemp(prefix="sbxtest-local-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def make_sandbox(kind: str, containers, local_root: str) -> Sandbox:
+    if kind == "local":
+        return Sandbox(kind, local_root)
+    image = DEBIAN_IMAGE if kind == "docker-debian" else BUSYBOX_IMAGE
+    return Sandbox(kind, "/workspace", containers(image))
+
+
+@pytest.fixture(scope="session")
+def mounts(containers, local_root):
+    """One mount per backend for the session, made on first use."""
+    made: dict[str, tuple[Sandbox, Mount]] = {}
+
+    def get(kind: str) -> tuple[Sandbox, Mount]:
+        if kind not in made:
+            sandbox = make_sandbox(kind, containers, local_root)
+            made[kind] = (sandbox, Mount(sandbox.source))
+        return made[kind]
+
+    yield get
+    for _, mount in made.values():
+        mount.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_kind(request) -> str:
+    return request.param
+
+
+class Workdir:
+    """A fresh directory: `mnt` is its path through the mount, `inside` in the sandbox."""
+
+    def __init__(self, sandbox: Sandbox, mount: Mount, name: str) -> None:
+        self.sandbox = sandbox
+        self.mount = mount
+        self.mnt = os.path.join(mount.path, name)
+        self.inside = f"{sandbox.root}/{name}"
+
+
+@pytest.fixture
+def workdir(backend_kind, mounts) -> Workdir:
+    sandbox, mount = mounts(backend_kind)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    sandbox.run('mkdir -m 777 -- "$1"', f"{sandbox.root}/{name}")
+    return Workdir(sandbox, mount, name)
