@@ -286,6 +286,16 @@ class Backend(abc.ABC):
     # Data. `read` and `write` work on existing regular files and follow
     # symlinks, as open(2) without O_NOFOLLOW does.
 
+    async def open_check(self, path: str, writable: bool) -> Stat:
+        """Check that the sandbox user may open `path` as open(2) would.
+
+        Returns the file's attributes (following symlinks). The default only
+        stats the file; backends that can open it report EACCES and EROFS at
+        open time, as a local filesystem does, instead of at the first read
+        or the upload.
+        """
+        return await self.stat(path, follow=True)
+
     @abc.abstractmethod
     async def read(self, path: str, offset: int, size: int) -> bytes:
         """Return up to `size` bytes from `offset`; short only at end of file."""

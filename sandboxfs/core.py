@@ -273,7 +273,7 @@ class FilesystemCore:
 
         if truncate:
             await self.backend.truncate(path, 0)
-        st = await self.backend.stat(path)
+        st = await self.backend.open_check(path, writable)
         if st.is_dir:
             raise FsError(errno.EISDIR)
         self.remember(node, st)

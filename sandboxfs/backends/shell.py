@@ -147,6 +147,15 @@ _STAT = r"""
 st $2 -- "$1"
 """
 
+# Opens the file as open(2) would (read, or write without truncating), so
+# that the shell reports the real error (EACCES, EROFS), then prints its stat.
+_OPEN_CHECK = r"""
+exists "$1" || missing "$1"
+isdir "$1" && exit $EISDIR
+if [ "$2" = w ]; then : >> "$1" || exit 1; else : < "$1" || exit 1; fi
+st -L -- "$1"
+"""
+
 _IDENTITY = r"""
 [ -e "$1" ] || missing "$1"
 [ -d "$1" ] || exit $ENOTDIR
@@ -513,6 +522,9 @@ class ShellBackend(Backend):
 
     async def stat(self, path: str, follow: bool = False) -> Stat:
         return await self._call_stat(_STAT, path, "-L" if follow else "", path=path)
+
+    async def open_check(self, path: str, writable: bool) -> Stat:
+        return await self._call_stat(_OPEN_CHECK, path, "w" if writable else "r", path=path)
 
     async def list_dir(self, path: str) -> list[tuple[str, Stat]]:
         output = await self._call(_LIST_DIR, path, path=path)

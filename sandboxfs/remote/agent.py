@@ -260,6 +260,16 @@ def op_stat(args, payload):
     return {"stat": stat_list(os.stat(path, follow_symlinks=follow))}, b""
 
 
+def op_open_check(args, payload):
+    path = arg_path(args)
+    flags = os.O_WRONLY if arg_bool(args, "writable") else os.O_RDONLY
+    fd = open_regular(path, flags)
+    try:
+        return {"stat": stat_list(os.fstat(fd))}, b""
+    finally:
+        os.close(fd)
+
+
 def op_list_dir(args, payload):
     path = arg_path(args)
     items = []
@@ -451,6 +461,7 @@ def op_utimens(args, payload):
 HANDLERS = {
     "hello": op_hello,
     "stat": op_stat,
+    "open_check": op_open_check,
     "list_dir": op_list_dir,
     "statfs": op_statfs,
     "readlink": op_readlink,

@@ -77,6 +77,9 @@ class AgentBackend(Backend):
     async def stat(self, path: str, follow: bool = False) -> Stat:
         return await self._call_for_stat("stat", path, path=path, follow=follow)
 
+    async def open_check(self, path: str, writable: bool) -> Stat:
+        return await self._call_for_stat("open_check", path, path=path, writable=writable)
+
     async def list_dir(self, path: str) -> list[tuple[str, Stat]]:
         result, _ = await self._call("list_dir", path, path=path)
         entries = []
