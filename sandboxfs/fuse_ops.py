@@ -124,11 +124,12 @@ class Operations(pyfuse3.Operations):
             raise
         return self._entry(node, st)
 
-    def forget(self, inode_list):
+    async def forget(self, inode_list):
+        # forget has no reply, so an error can only be logged.
         try:
             self.core.forget(inode_list)
         except Exception:
-            logger.exception("forget failed")
+            logger.exception("forget of %d inodes failed", len(inode_list))
 
     @_translate_errors
     async def getattr(self, inode, ctx=None):

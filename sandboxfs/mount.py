@@ -46,12 +46,18 @@ class MountError(Exception):
 
 
 def runtime_dir() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return os.path.join(base, "sandboxfs")
-    if os.getuid() == 0:
+    """Return where mount state files live, the same for every shell of a user.
+
+    XDG_RUNTIME_DIR is not used: a login shell sets it and a systemd service
+    does not, so the two would not see each other's mounts.
+    """
+    uid = os.getuid()
+    if uid == 0:
         return "/run/sandboxfs"
-    return f"/tmp/sandboxfs-{os.getuid()}"
+    user_run = f"/run/user/{uid}"
+    if os.path.isdir(user_run):
+        return os.path.join(user_run, "sandboxfs")
+    return f"/tmp/sandboxfs-{uid}"
 
 
 def _state_path(mountpoint: str) -> str:
