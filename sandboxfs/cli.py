@@ -96,7 +96,10 @@ def _list() -> None:
         return
     print(f"{'MOUNTPOINT':<32} {'SOURCE':<40} {'PID':>7}  STATUS")
     for info in mounts:
-        status = "ok" if pid_alive(info.pid) else "broken: its process is gone; run `sandboxfs umount` to clean up"
+        if not pid_alive(info.pid):
+            status = "broken: its process is gone; run `sandboxfs umount` to clean up"
+        else:
+            status = info.status
         pid = str(info.pid) if info.pid else "-"
         print(f"{info.mountpoint:<32} {info.source:<40} {pid:>7}  {status}")
 

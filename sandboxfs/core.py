@@ -73,11 +73,26 @@ class FilesystemCore:
         self.dir_handles: dict[int, list[tuple[str, Stat]]] = {}
         self.dir_handles_nodes: dict[int, Node] = {}
         self._next_fh = 1
+        # "ok", or why the sandbox cannot be reached; `on_health_change` is
+        # called with the new value whenever it changes.
+        self.health = "ok"
+        self.on_health_change = None
         self.local_uid = os.getuid()
         self.local_gid = os.getgid()
         os.makedirs(options.staging_dir, mode=0o700, exist_ok=True)
 
     # Helpers.
+
+    def note_error(self, exc: BackendError) -> None:
+        """Record that the sandbox became unreachable (code `unavailable`)."""
+        if exc.code != "unavailable":
+            return
+        status = f"broken: {exc.message or 'the sandbox cannot be reached'}"
+        if status != self.health:
+            self.health = status
+            logger.error("the sandbox cannot be reached (%s); operations fail with ENOTCONN", exc)
+            if self.on_health_change is not None:
+                self.on_health_change(status)
 
     def node(self, ino: int) -> Node:
         node = self.table.get(ino)

@@ -55,6 +55,7 @@ def _translate_errors(handler):
             self._log_failure(handler.__name__, args, exc.errno, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except BackendError as exc:
+            self.core.note_error(exc)
             self._log_failure(handler.__name__, args, exc.errno, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:

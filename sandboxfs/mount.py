@@ -80,6 +80,8 @@ class MountInfo:
     fstype: str
     pid: int | None = None
     log_file: str | None = None
+    # "ok", or "broken: ..." once the server found the sandbox unreachable.
+    status: str = "ok"
 
 
 def _unescape(field: str) -> str:
@@ -112,6 +114,7 @@ def mounted() -> list[MountInfo]:
             if state:
                 info.pid = state.get("pid")
                 info.log_file = state.get("log_file")
+                info.status = state.get("status", "ok")
             mounts.append(info)
     return mounts
 
@@ -124,10 +127,16 @@ def _read_state(mountpoint: str) -> dict | None:
         return None
 
 
-def _write_state(mountpoint: str, source: Source, log_file: str | None) -> None:
+def _write_state(mountpoint: str, source: Source, log_file: str | None, status: str = "ok") -> None:
     path = _state_path(mountpoint)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    state = {"pid": os.getpid(), "source": str(source), "mountpoint": mountpoint, "log_file": log_file}
+    state = {
+        "pid": os.getpid(),
+        "source": str(source),
+        "mountpoint": mountpoint,
+        "log_file": log_file,
+        "status": status,
+    }
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         json.dump(state, file)
     os.replace(path + ".tmp", path)
@@ -206,6 +215,7 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
             await backend.aclose()
             raise MountError(f"could not mount on {mountpoint!r} ({exc}): check that it is an empty directory you own") from exc
         _write_state(mountpoint, source, log_file)
+        core.on_health_change = lambda status: _write_state(mountpoint, source, log_file, status)
         logger.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
         on_ready()
         nursery.start_soon(_stop_on_signal)

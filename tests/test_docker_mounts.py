@@ -244,3 +244,20 @@ def test_sigterm_uploads_open_file_then_unmounts(container, mount_of):
         time.sleep(0.05)
     assert not os.path.ismount(mount.path)
     assert Sandbox("docker", "/workspace", name).read("/workspace/pending") == b"written before SIGTERM"
+
+
+def test_stopped_container_gives_enotconn_and_list_shows_broken(container, mount_of):
+    name = container()
+    Sandbox("docker", "/workspace", name).run("printf data > /workspace/f")
+    mount = mount_of(f"docker://{name}:/workspace", "--attr-timeout", "0", "--entry-timeout", "0")
+    with open(os.path.join(mount.path, "f")) as file:
+        assert file.read() == "data"
+
+    docker("stop", "-t", "0", name)
+    started = time.monotonic()
+    number = errno_of(os.listdir, mount.path)
+    assert number in (errno.EIO, errno.ENOTCONN)
+    assert time.monotonic() - started < 30
+
+    line = next(info for info in sandboxfs("list").stdout.splitlines() if mount.path in info)
+    assert "broken" in line
