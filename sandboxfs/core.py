@@ -1,9 +1,10 @@
 """The filesystem core: inodes, open handles, caches, in terms of a Backend.
 
-The core knows nothing of pyfuse3's types: `sandboxfs.fuse` converts FUSE
+The core uses none of pyfuse3's types: `sandboxfs.fuse_ops` converts FUSE
 requests into calls here and the results into replies. Errors leave the core
-as `FsError` (a local check failed) or `BackendError` (the sandbox refused);
-`sandboxfs.fuse` turns both into errno values in one place.
+as `FsError` (a local check failed) or `BackendError` (the sandbox rejected
+the request), and `sandboxfs.fuse_ops` turns both into errno values in one
+place.
 
 Caveats:
 - One inode stands for one path, so two hard links to a file have two inode
@@ -34,7 +35,7 @@ NAME_MAX = 255
 
 
 class FsError(Exception):
-    """A request failed a local check; `errno` says how."""
+    """A request failed a local check; `errno` is the error to return."""
 
     def __init__(self, number: int, message: str = "") -> None:
         super().__init__(number, message or os.strerror(number))
@@ -52,7 +53,7 @@ class Handle:
 
 @dataclasses.dataclass
 class Changes:
-    """What a setattr request changes; None leaves a value as it is."""
+    """The changes of one setattr request; None leaves a value as it is."""
 
     mode: int | None = None
     uid: int | None = None

@@ -281,9 +281,9 @@ class Operations(pyfuse3.Operations):
         return result
 
     # Extended attributes are not offered. ENOSYS makes the kernel stop
-    # sending these requests and return EOPNOTSUPP (ENOTSUP) to callers; it
-    # also ends the security.capability lookup the kernel makes before each
-    # write, which would otherwise cost one request per write.
+    # sending these requests and return EOPNOTSUPP (ENOTSUP) to callers. It
+    # also ends the security.capability lookup that the kernel makes before
+    # each write, which would otherwise cost one request per write.
 
     async def setxattr(self, inode, name, value, ctx):
         raise pyfuse3.FUSEError(errno.ENOSYS)
