@@ -9,8 +9,12 @@ place.
 Caveats:
 - One inode stands for one path, so two hard links to a file have two inode
   numbers through the mount (both show the link count).
-- A file that is unlinked while open can no longer be read through the open
-  handle unless its data is staged locally.
+- A file that is unlinked while open stays readable through an open handle
+  only where its bytes are staged locally (written through the mount since
+  the last upload); other bytes give ENOENT.
+- Open files are tracked by path: if a program in the sandbox renames another
+  file over that path while the host has it open, the host's pending writes
+  go to that other file.
 """
 
 from __future__ import annotations
@@ -309,7 +313,10 @@ class FilesystemCore:
         node = handle.node
         staged = node.dirty
         if staged is not None:
-            return await staged.read(self.backend, self.path(node), offset, size)
+            # The staged bytes stay readable after the name is unlinked; only
+            # bytes that must come from the sandbox need the path.
+            path = self.table.path(node) if node.detached else self.path(node)
+            return await staged.read(self.backend, path, offset, size)
         return await self.backend.read(self.path(node), offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -363,7 +370,10 @@ class FilesystemCore:
         except BackendError as exc:
             copy = self._save_recovery(staged, path)
             logger.error("upload of %r failed (%s); the written data is kept in %s", path, exc, copy)
-            raise FsError(errno.EIO) from exc
+            # A full disk or quota is reported as such, as NFS does at close;
+            # every other failure is EIO, the error programs expect there.
+            number = exc.errno if exc.code in ("no_space", "quota_exceeded") else errno.EIO
+            raise FsError(number) from exc
         self._forget_attr(node)
         try:
             st = await self.backend.stat(path, follow=True)
@@ -379,15 +389,27 @@ class FilesystemCore:
             logger.error("could not save %r to the recovery directory %s: %s", path, self.options.recovery_dir, exc)
             return "(nowhere: the recovery directory is not writable)"
 
-    async def flush_all(self) -> None:
-        """Upload every file's pending writes, as at unmount."""
-        for node in {handle.node for handle in self.handles.values()}:
+    async def flush_all(self, timeout: float) -> None:
+        """Upload every file's pending writes, as at unmount.
+
+        What is still pending after `timeout` seconds, or after a failed
+        upload, is copied to the recovery directory.
+        """
+        nodes = {handle.node for handle in self.handles.values()}
+        with trio.move_on_after(timeout):
+            for node in nodes:
+                staged = node.dirty
+                if staged is not None and staged.needs_upload and not node.detached:
+                    try:
+                        await self._upload(node, staged)
+                    except FsError:
+                        pass  # _upload kept a recovery copy and logged it
+        for node in nodes:
             staged = node.dirty
-            if staged is not None and staged.needs_upload:
-                try:
-                    await self._upload(node, staged)
-                except FsError:
-                    pass
+            if staged is not None and staged.needs_upload and not node.detached:
+                path = self.table.path(node)
+                copy = self._save_recovery(staged, path)
+                logger.error("pending writes to %r were not uploaded before exit; they are kept in %s", path, copy)
 
     # Directories.
 

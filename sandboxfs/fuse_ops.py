@@ -58,6 +58,12 @@ def _translate_errors(handler):
             self.core.note_error(exc)
             self._log_failure(handler.__name__, args, exc.errno, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            # A host-side failure, such as a full disk under the staging
+            # directory: return its own errno (ENOSPC) rather than EIO.
+            number = exc.errno or errno.EIO
+            logger.error("%s%r failed on the host: %s", handler.__name__, args[:2], exc)
+            raise pyfuse3.FUSEError(number) from None
         except Exception:
             logger.exception("%s%r failed unexpectedly; returning EIO", handler.__name__, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -223,8 +223,7 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
             await pyfuse3.main()
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(FLUSH_ON_EXIT_TIMEOUT):
-                    await core.flush_all()
+                await core.flush_all(FLUSH_ON_EXIT_TIMEOUT)
                 pyfuse3.close(unmount=_is_mounted(mountpoint))
                 _remove_state(mountpoint)
                 await backend.aclose()

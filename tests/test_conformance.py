@@ -470,3 +470,16 @@ def test_truncate_and_rewrite_save(workdir):
         file.truncate(0)
         file.write("short\n")
     assert workdir.sandbox.read(f"{workdir.inside}/notes.txt") == b"short\n"
+
+
+def test_unlinked_open_file_keeps_written_bytes(workdir):
+    path = os.path.join(workdir.mnt, "scratch")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"still here")
+        os.unlink(path)
+        assert os.pread(fd, 100, 0) == b"still here"
+        assert not os.path.exists(path)
+    finally:
+        os.close(fd)
+    assert os.listdir(workdir.mnt) == []
