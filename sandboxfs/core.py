@@ -178,6 +178,10 @@ class FilesystemCore:
                 staged.truncate(changes.size)
             else:
                 await self.backend.truncate(path, changes.size)
+                # A later write starts its staged file from this size.
+                for handle in self.handles.values():
+                    if handle.node is node:
+                        handle.remote_size = changes.size
         if changes.mode is not None:
             await self.backend.chmod(path, stat_module.S_IMODE(changes.mode))
         if changes.uid is not None or changes.gid is not None:
@@ -334,6 +338,9 @@ class FilesystemCore:
     async def fsync(self, fh: int) -> None:
         handle = self.handle(fh)
         node = handle.node
+        if node.detached:
+            # Nothing of an unlinked file can reach the sandbox any more.
+            return
         if node.dirty is not None and node.dirty.needs_upload:
             await self._upload(node, node.dirty)
         await self.backend.fsync(self.path(node))

@@ -179,8 +179,8 @@ class StagedFile:
         """Copy the staged bytes to the recovery directory; return the copy's path.
 
         Bytes that were never written or read through the mount are holes
-        (zeros) in the copy; a `.ranges` file beside it lists the byte ranges
-        that hold real data when that is not the whole file.
+        (zeros) in the copy. A `.source` note beside it names the sandbox path
+        and, when the copy has holes, the byte ranges that hold real data.
         """
         os.makedirs(recovery_dir, mode=0o700, exist_ok=True)
         if self.recovery_path is None:
