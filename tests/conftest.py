@@ -71,27 +71,48 @@ class Mount:
 
 
 class Sandbox:
-    """One sandbox: where its files are, and how to run a command inside it."""
+    """One sandbox: where its files are, and how to run a command inside it.
 
-    def __init__(self, kind: str, root: str, container: str | None = None) -> None:
+    `prefix` is the argv that runs a command in the sandbox (None: on the
+    host). For a container, it is built from the container's name.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        root: str,
+        container: str | None = None,
+        prefix: list[str] | None = None,
+        source: str | None = None,
+    ) -> None:
         self.kind = kind
         self.root = root
         self.container = container
+        self.prefix = prefix
+        if prefix is None and container is not None:
+            self.prefix = ["docker", "exec", "-i", container]
+        self._source = source
 
     @property
     def source(self) -> str:
+        if self._source is not None:
+            return self._source
         if self.container is None:
             return f"local://{self.root}"
         return f"docker://{self.container}:{self.root}"
 
-    def run(self, script: str, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def run(
+        self, script: str, *args: str, user: str | None = None, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess:
         """Run `sh -c script sh args...` in the sandbox; args never enter the script text."""
         argv = ["sh", "-c", script, "sh", *args]
-        if self.container is None:
-            result = subprocess.run(argv, capture_output=True)
+        if self.prefix is None:
+            result = subprocess.run(argv, capture_output=True, input=input)
         else:
-            prefix = ["exec"] + (["--user", user] if user else []) + [self.container]
-            result = docker(*prefix, *argv, check=False)
+            prefix = self.prefix
+            if user:
+                prefix = ["docker", "exec", "-i", "--user", user, self.container]
+            result = subprocess.run(prefix + argv, capture_output=True, input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"in {self.kind}: {script!r} {args!r} failed: {result.stderr!r}")
         return result
@@ -100,12 +121,7 @@ class Sandbox:
         return self.run('cat -- "$1"', path).stdout
 
     def write(self, path: str, data: bytes) -> None:
-        if self.container is None:
-            with open(path, "wb") as file:
-                file.write(data)
-        else:
-            result = docker("exec", "-i", self.container, "sh", "-c", 'cat > "$1"', "sh", path, input=data, check=False)
-            assert result.returncode == 0, result.stderr
+        self.run('cat > "$1"', path, input=data)
 
 
 def _start_container(image: str, *extra: str) -> str:
