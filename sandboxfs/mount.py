@@ -142,20 +142,35 @@ def _write_state(mountpoint: str, source: Source, log_file: str | None, status: 
     os.replace(path + ".tmp", path)
 
 
+def _update_status(mountpoint: str, source: Source, log_file: str | None, status: str) -> None:
+    # After a lazy unmount the state file may belong to a newer mount.
+    state = _read_state(mountpoint)
+    if state is None or state.get("pid") == os.getpid():
+        _write_state(mountpoint, source, log_file, status)
+
+
 def _remove_state(mountpoint: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_state_path(mountpoint))
 
 
-def _is_mounted(mountpoint: str) -> bool:
+def _device_at(mountpoint: str) -> str | None:
+    """Return the device ("major:minor") of the topmost mount at a path."""
+    device = None
     with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
-            if _unescape(os.fsdecode(line.split(b" ")[4])) == mountpoint:
-                return True
-    return False
+            fields = line.split(b" ")
+            if _unescape(os.fsdecode(fields[4])) == mountpoint:
+                device = fields[2].decode()
+    return device
+
+
+def _is_mounted(mountpoint: str) -> bool:
+    return _device_at(mountpoint) is not None
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Check that a process runs; a zombie (exited, not yet reaped) does not."""
     if not pid:
         return False
     try:
@@ -164,7 +179,13 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            # The state follows the command name, which is in parentheses.
+            state = stat_file.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != b"Z"
 
 
 # Mount.
@@ -182,7 +203,7 @@ def check_mountpoint(mountpoint: str) -> str:
     if not os.path.lexists(path):
         raise MountError(f"mount point {path!r} does not exist: create it with `mkdir -p {path}`")
     if not os.path.isdir(path):
-        raise MountError(f"mount point {path!r} is not a directory: give an empty directory")
+        raise MountError(f"mount point {path!r} is not a directory: give a directory, such as an empty one made with mkdir")
     return path
 
 
@@ -213,9 +234,12 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
             pyfuse3.init(Operations(core), mountpoint, _fuse_options(source, options))
         except RuntimeError as exc:
             await backend.aclose()
-            raise MountError(f"could not mount on {mountpoint!r} ({exc}): check that it is an empty directory you own") from exc
+            raise MountError(f"could not mount on {mountpoint!r} ({exc}): check that it is a directory you own") from exc
+        # The FUSE connection's device identifies this mount: after a lazy
+        # unmount, a newer mount can sit at the same path.
+        device = _device_at(mountpoint)
         _write_state(mountpoint, source, log_file)
-        core.on_health_change = lambda status: _write_state(mountpoint, source, log_file, status)
+        core.on_health_change = lambda status: _update_status(mountpoint, source, log_file, status)
         logger.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
         on_ready()
         nursery.start_soon(_stop_on_signal)
@@ -224,8 +248,11 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
         finally:
             with trio.CancelScope(shield=True):
                 await core.flush_all(FLUSH_ON_EXIT_TIMEOUT)
-                pyfuse3.close(unmount=_is_mounted(mountpoint))
-                _remove_state(mountpoint)
+                still_ours = device is not None and _device_at(mountpoint) == device
+                pyfuse3.close(unmount=still_ours)
+                state = _read_state(mountpoint)
+                if state is None or state.get("pid") == os.getpid():
+                    _remove_state(mountpoint)
                 await backend.aclose()
                 logger.info("unmounted %s from %s", source, mountpoint)
             nursery.cancel_scope.cancel()

@@ -261,3 +261,25 @@ def test_stopped_container_gives_enotconn_and_list_shows_broken(container, mount
 
     line = next(info for info in sandboxfs("list").stdout.splitlines() if mount.path in info)
     assert "broken" in line
+
+
+def test_old_process_leaves_newer_mount_alone(container, mount_of):
+    name = container()
+    first = mount_of(f"docker://{name}:/workspace")
+    old_pid = int(next(line for line in sandboxfs("list").stdout.splitlines() if first.path in line).split()[-2])
+    holder = subprocess.Popen(["sleep", "300"], cwd=first.path)
+    try:
+        sandboxfs("umount", "--lazy", first.path)
+        sandboxfs("mount", f"docker://{name}:/workspace", first.path)
+        os.kill(old_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{old_pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.ismount(first.path)
+    with open(os.path.join(first.path, "after"), "w") as file:
+        file.write("new mount")
+    assert Sandbox("docker", "/workspace", name).read("/workspace/after") == b"new mount"
+    assert first.path in sandboxfs("list").stdout

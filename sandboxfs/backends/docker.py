@@ -217,7 +217,9 @@ async def _probe_python(
             "give an existing directory after the colon"
         )
     if status == _PROBE_ROOT_NOT_DIRECTORY:
-        raise ConnectError(f"root {root!r} is not a directory in container {container!r}")
+        raise ConnectError(
+            f"root {root!r} is not a directory in container {container!r}: give a directory after the colon"
+        )
     if status == _EXEC_FAILED and _NOT_FOUND_TEXT in stdout + stderr:
         return False
     # Docker 20.10 sends "unable to find user NAME: ..." on stdout, or, when
