@@ -7,14 +7,16 @@ point) is printed as one line on stderr, with exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import shlex
 import sys
 
 from . import __version__
 from .backend import ConnectError
 from .mount import MountError, mount, mounted, pid_alive, umount
 from .options import MountOptions
-from .sources import SourceError, parse_source
+from .sources import HostCommands, SourceError, parse_source
 
 
 def _seconds(text: str) -> float:
@@ -27,17 +29,30 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _command_words(text: str) -> tuple[str, ...]:
+    try:
+        words = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid command {text!r}: {exc}") from None
+    if not words:
+        raise argparse.ArgumentTypeError("invalid command '': give a program, such as ssh")
+    return words
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandboxfs",
-        description="Mount a sandbox (a Docker container or a host directory) as a local directory.",
+        description="Mount a sandbox (a Docker container, an Apptainer instance or a host directory) as a local directory.",
     )
     parser.add_argument("--version", action="version", version=f"sandboxfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount_parser = commands.add_parser("mount", help="mount a sandbox on a directory")
-    mount_parser.add_argument("source", help="docker://[USER@]CONTAINER[:/dir] or local:///abs/dir")
-    mount_parser.add_argument("mountpoint", help="an existing empty directory")
+    mount_parser.add_argument(
+        "source",
+        help="docker://[USER@]CONTAINER[:/dir], apptainer://INSTANCE[:/dir][?via=ssh://[USER@]HOST[:PORT]] or local:///abs/dir",
+    )
+    mount_parser.add_argument("mountpoint", help="an existing directory (its contents are hidden while mounted)")
     mount_parser.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
     mount_parser.add_argument("--debug", action="store_true", help="log each FUSE operation (implies more logging)")
     mount_parser.add_argument("--read-only", action="store_true", help="mount read-only: writes fail with EROFS")
@@ -62,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative-timeout", type=_seconds, default=1.0, metavar="SECONDS", help="time a missing name is remembered (default 1)"
     )
     mount_parser.add_argument("--recovery-dir", metavar="DIR", help="where data of failed uploads is kept (default ~/.local/state/sandboxfs/recovery)")
+    mount_parser.add_argument(
+        "--apptainer",
+        default=HostCommands.apptainer,
+        metavar="PATH",
+        help="the apptainer command for apptainer:// sources, run on the host that runs the instance (default: apptainer, found on PATH)",
+    )
+    mount_parser.add_argument(
+        "--ssh-command",
+        type=_command_words,
+        default=HostCommands.ssh,
+        metavar="CMD",
+        help="the ssh command and its options for ?via=ssh:// sources, split as a shell would, "
+        "such as 'ssh -i ~/.ssh/box_key' (default: ssh)",
+    )
     mount_parser.add_argument("--log-file", metavar="FILE", help="log file of the background process (default ~/.local/state/sandboxfs/log/)")
 
     umount_parser = commands.add_parser("umount", help="upload pending writes, then unmount")
@@ -74,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mount(args: argparse.Namespace) -> None:
     source = parse_source(args.source)
+    source = dataclasses.replace(source, commands=HostCommands(apptainer=args.apptainer, ssh=tuple(args.ssh_command)))
     options = MountOptions(
         attr_timeout=args.attr_timeout,
         entry_timeout=args.entry_timeout,
