@@ -1,10 +1,13 @@
 """Mount sources: the text a user gives to name a sandboxfs sandbox.
 
     docker://[USER@]CONTAINER[:/dir]
+    apptainer://INSTANCE[:/dir]
+    apptainer://INSTANCE[:/dir]?via=ssh://[USER@]HOST[:PORT]
     local:///abs/dir
 
 A source is untrusted text: each part is checked against what it may be
-(container names as Docker allows them, absolute directories), so that no
+(container and instance names as Docker and Apptainer allow them, absolute
+directories, ssh users and hosts that cannot start with '-'), so that no
 part can be read as an option by a tool it is handed to.
 """
 
@@ -20,29 +23,72 @@ class SourceError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class SshTarget:
+    """A host reached through ssh: `ssh://[USER@]HOST[:PORT]`."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        """`[USER@]HOST`, as ssh takes it."""
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def __str__(self) -> str:
+        port = f":{self.port}" if self.port is not None else ""
+        return f"ssh://{self.destination}{port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCommands:
+    """The host programs that reach a sandbox, as the command line sets them."""
+
+    # The apptainer command (a name on PATH or a path).
+    apptainer: str = "apptainer"
+    # The ssh command and its options, as separate words.
+    ssh: tuple[str, ...] = ("ssh",)
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     scheme: str
-    # Container name or id (docker); empty for local.
+    # Container name or id (docker), instance name (apptainer); empty for local.
     target: str
     # The directory inside the sandbox that the mount shows.
     root: str
     # The user operations run as inside the sandbox (docker exec --user).
     user: str | None = None
+    # The host that runs the sandbox, when it is reached through ssh.
+    via: SshTarget | None = None
+    # How to run the tools that reach the sandbox. Not part of the name.
+    commands: HostCommands = dataclasses.field(default_factory=HostCommands, compare=False)
 
     def __str__(self) -> str:
         if self.scheme == "local":
             return f"local://{self.root}"
         user = f"{self.user}@" if self.user else ""
         root = "" if self.root == "/" else f":{self.root}"
-        return f"{self.scheme}://{user}{self.target}{root}"
+        via = f"?via={self.via}" if self.via is not None else ""
+        return f"{self.scheme}://{user}{self.target}{root}{via}"
 
 
 # Docker's own rule for container names, and hexadecimal ids.
 _CONTAINER = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 # A user name or uid[:gid] as `docker exec --user` takes it.
 _USER = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]*(:[a-zA-Z0-9_][a-zA-Z0-9_.-]*)?")
+# Apptainer 1.4 accepts instance names matching ^[a-zA-Z0-9._-]+$
+# (internal/pkg/instance); a leading '-' is rejected here as well.
+_INSTANCE = re.compile(r"[a-zA-Z0-9._][a-zA-Z0-9._-]*")
+# ssh users and hosts (names, IPv4 addresses, ssh_config aliases). Neither
+# may start with '-', or ssh would read it as an option.
+_SSH_USER = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]*")
+_SSH_HOST = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]*")
 
-EXAMPLES = "docker://CONTAINER, docker://CONTAINER:/dir, docker://USER@CONTAINER:/dir or local:///abs/dir"
+EXAMPLES = (
+    "docker://CONTAINER, docker://CONTAINER:/dir, docker://USER@CONTAINER:/dir, "
+    "apptainer://INSTANCE:/dir, apptainer://INSTANCE:/dir?via=ssh://USER@HOST:PORT or local:///abs/dir"
+)
 
 
 def parse_source(text: str) -> Source:
@@ -54,6 +100,8 @@ def parse_source(text: str) -> Source:
         return Source("local", "", _directory(rest, text))
     if scheme == "docker":
         return _parse_docker(rest, text)
+    if scheme == "apptainer":
+        return _parse_apptainer(rest, text)
     raise SourceError(f"unknown source type {scheme!r} in {text!r}: expected {EXAMPLES}")
 
 
@@ -71,6 +119,68 @@ def _parse_docker(rest: str, text: str) -> Source:
         )
     root = _directory(directory, text) if sep else "/"
     return Source("docker", container, root, user)
+
+
+def _parse_apptainer(rest: str, text: str) -> Source:
+    rest, question, query = rest.partition("?")
+    via = _parse_via(query, text) if question else None
+    instance, sep, directory = rest.partition(":")
+    check_instance_name(instance, text)
+    root = _directory(directory, text) if sep else "/"
+    return Source("apptainer", instance, root, via=via)
+
+
+def check_instance_name(instance: str, text: str | None = None) -> None:
+    """Raise SourceError unless `instance` is a valid Apptainer instance name."""
+    if not _INSTANCE.fullmatch(instance) or set(instance) == {"."}:
+        where = f" in {text!r}" if text is not None else ""
+        raise SourceError(
+            f"invalid instance name {instance!r}{where}: use a name as `apptainer instance list` "
+            "shows it (letters, digits, '_', '.', '-', not starting with '-')"
+        )
+
+
+def _parse_via(query: str, text: str) -> SshTarget:
+    key, equals, value = query.partition("=")
+    if key != "via" or not equals:
+        raise SourceError(f"invalid option {query!r} in {text!r}: the only option is via=ssh://[USER@]HOST[:PORT]")
+    scheme, sep, address = value.partition("://")
+    if scheme != "ssh" or not sep:
+        raise SourceError(f"invalid via {value!r} in {text!r}: use ssh://[USER@]HOST[:PORT]")
+
+    user = None
+    if "@" in address:
+        user, _, address = address.rpartition("@")
+        check_ssh_user(user, text)
+    host, colon, port_text = address.partition(":")
+    check_ssh_host(host, text)
+    port = _port(port_text, text) if colon else None
+    return SshTarget(host, user, port)
+
+
+def check_ssh_user(user: str, text: str | None = None) -> None:
+    """Raise SourceError unless `user` is a safe ssh user name."""
+    if not _SSH_USER.fullmatch(user):
+        where = f" in {text!r}" if text is not None else ""
+        raise SourceError(
+            f"invalid ssh user {user!r}{where}: use letters, digits, '_', '.', '-', not starting with '-'"
+        )
+
+
+def check_ssh_host(host: str, text: str | None = None) -> None:
+    """Raise SourceError unless `host` is a safe ssh host name or IPv4 address."""
+    if not _SSH_HOST.fullmatch(host):
+        where = f" in {text!r}" if text is not None else ""
+        raise SourceError(
+            f"invalid ssh host {host!r}{where}: use a host name, an IPv4 address or a Host alias "
+            "of your ssh config (letters, digits, '_', '.', '-', not starting with '-')"
+        )
+
+
+def _port(port_text: str, text: str) -> int:
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise SourceError(f"invalid ssh port {port_text!r} in {text!r}: give a number from 1 to 65535")
+    return int(port_text)
 
 
 def _directory(directory: str, text: str) -> str:

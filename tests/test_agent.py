@@ -624,12 +624,20 @@ def test_many_concurrent_calls_get_their_own_replies(tmp_path):
         async def read_one(index):
             contents[index] = await backend.read(f"{root}/f{index}", 0, 1000)
 
-        async with trio.open_nursery() as nursery:
-            for index in range(count):
-                nursery.start_soon(stat_one, index)
-                nursery.start_soon(read_one, index)
-            await trio.testing.wait_all_tasks_blocked()
-            assert backend.channel.pending_count > 0
+        # The agent is stopped while the calls are sent, so all of them are
+        # in flight at once; it answers them after SIGCONT.
+        pid = backend.hello_info["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(count):
+                    nursery.start_soon(stat_one, index)
+                    nursery.start_soon(read_one, index)
+                await trio.testing.wait_all_tasks_blocked()
+                assert backend.channel.pending_count == 2 * count
+                os.kill(pid, signal.SIGCONT)
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
         assert sizes == {index: index for index in range(count)}
         assert contents == {index: b"x" * index for index in range(count)}

@@ -22,4 +22,15 @@ async def open_backend(nursery: trio.Nursery, source: Source) -> Backend:
         from .docker import connect_docker
 
         return await connect_docker(nursery, source.target, root=source.root, user=source.user)
+    if source.scheme == "apptainer":
+        from .apptainer import connect_apptainer
+
+        return await connect_apptainer(
+            nursery,
+            source.target,
+            root=source.root,
+            via_ssh=source.via,
+            apptainer=source.commands.apptainer,
+            ssh_command=source.commands.ssh,
+        )
     raise ConnectError(f"unknown source type {source.scheme!r}")
