@@ -17,10 +17,21 @@ import uuid
 
 import pytest
 
+# The trixie test container, which runs Apptainer and HTCondor.
+from testbed_trixie import TrixieHost, trixie_condor_host, trixie_host  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBIAN_IMAGE = os.environ.get("SANDBOXFS_TEST_DEBIAN_IMAGE", "sandboxfs-test/debian:latest")
 BUSYBOX_IMAGE = os.environ.get("SANDBOXFS_TEST_BUSYBOX_IMAGE", "sandboxfs-test/busybox:latest")
-BACKENDS = ["local", "docker-debian", "docker-busybox"]
+BACKENDS = [
+    "local",
+    "docker-debian",
+    "docker-busybox",
+    "apptainer-python",
+    "apptainer-busybox",
+    "apptainer-ssh-python",
+    "apptainer-ssh-busybox",
+]
 
 
 def sandboxfs(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -84,8 +95,10 @@ class Sandbox:
         container: str | None = None,
         prefix: list[str] | None = None,
         source: str | None = None,
+        mount_options: tuple[str, ...] = (),
     ) -> None:
         self.kind = kind
+        self.mount_options = mount_options
         self.root = root
         self.container = container
         self.prefix = prefix
@@ -155,22 +168,62 @@ def local_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def make_sandbox(kind: str, containers, local_root: str) -> Sandbox:
+def apptainer_shim(host: TrixieHost) -> str:
+    """Write an `apptainer` command for the host that runs the test container's.
+
+    Apptainer 1.4 needs a newer glibc than this host has, so it runs in the
+    trixie container; the backend runs this command as it would run a local
+    `apptainer`, with the same arguments and pipes.
+    """
+    path = os.path.join(host.state_dir, "apptainer")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(f'#!/bin/sh\nexec docker exec -i {host.name} apptainer "$@"\n')
+        os.chmod(path, 0o755)
+    return path
+
+
+def start_apptainer_sandbox(kind: str, host: TrixieHost, **instance_options) -> Sandbox:
+    """Start an instance with a host directory bound on /workspace; return its Sandbox.
+
+    `kind` is apptainer[-ssh]-IMAGE: the mount reaches the instance through the
+    local `apptainer` command, or through ssh to the test container.
+    """
+    image = kind.rsplit("-", 1)[1]
+    instance = f"sbx-{kind}-{uuid.uuid4().hex[:6]}"
+    host.exec(["mkdir", "-p", f"/srv/{instance}"])
+    instance_options.setdefault("binds", [f"/srv/{instance}:/workspace"])
+    host.start_instance(image, instance, **instance_options)
+    prefix = ["docker", "exec", "-i", host.name, "apptainer", "exec", f"instance://{instance}"]
+    if "-ssh-" in kind:
+        source = f"apptainer://{instance}:/workspace?via=ssh://{host.host_alias}"
+        options = ("--ssh-command", f"ssh -F {host.ssh_config}")
+    else:
+        source = f"apptainer://{instance}:/workspace"
+        options = ("--apptainer", apptainer_shim(host))
+    sandbox = Sandbox(kind, "/workspace", prefix=prefix, source=source, mount_options=options)
+    sandbox.instance = instance
+    return sandbox
+
+
+def make_sandbox(kind: str, containers, local_root: str, request) -> Sandbox:
     if kind == "local":
         return Sandbox(kind, local_root)
+    if kind.startswith("apptainer"):
+        return start_apptainer_sandbox(kind, request.getfixturevalue("trixie_host"))
     image = DEBIAN_IMAGE if kind == "docker-debian" else BUSYBOX_IMAGE
     return Sandbox(kind, "/workspace", containers(image))
 
 
 @pytest.fixture(scope="session")
-def mounts(containers, local_root):
+def mounts(containers, local_root, request):
     """One mount per backend for the session, made on first use."""
     made: dict[str, tuple[Sandbox, Mount]] = {}
 
     def get(kind: str) -> tuple[Sandbox, Mount]:
         if kind not in made:
-            sandbox = make_sandbox(kind, containers, local_root)
-            made[kind] = (sandbox, Mount(sandbox.source))
+            sandbox = make_sandbox(kind, containers, local_root, request)
+            made[kind] = (sandbox, Mount(sandbox.source, *sandbox.mount_options))
         return made[kind]
 
     yield get
