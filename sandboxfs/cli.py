@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .backend import ConnectError
+from .cli_condor import CondorError, add_condor_commands, run_condor
 from .mount import MountError, mount, mounted, pid_alive, umount
 from .options import MountOptions
 from .sources import HostCommands, SourceError, parse_source
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     umount_parser.add_argument("-z", "--lazy", action="store_true", help="detach now even if files are open")
 
     commands.add_parser("list", help="list active sandboxfs mounts")
+    add_condor_commands(commands)
     return parser
 
 
@@ -143,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             umount(args.mountpoint, lazy=args.lazy)
         elif args.command == "list":
             _list()
-    except (SourceError, ConnectError, MountError) as exc:
+        elif args.command == "condor":
+            run_condor(args)
+    except (SourceError, ConnectError, MountError, CondorError) as exc:
         print(f"sandboxfs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
