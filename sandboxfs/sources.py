@@ -3,12 +3,15 @@
     docker://[USER@]CONTAINER[:/dir]
     apptainer://INSTANCE[:/dir]
     apptainer://INSTANCE[:/dir]?via=ssh://[USER@]HOST[:PORT]
+    condor://[USER@]SUBMIT_HOST[:PORT]/CLUSTER.PROC[:/dir]
+    condor://local/CLUSTER.PROC[:/dir]
     local:///abs/dir
 
-A source is untrusted text: each part is checked against what it may be
-(container and instance names as Docker and Apptainer allow them, absolute
-directories, ssh users and hosts that cannot start with '-'), so that no
-part can be read as an option by a tool it is handed to.
+A source is untrusted text, so each part is checked against what it may
+be: container and instance names as Docker and Apptainer allow them,
+HTCondor job ids as CLUSTER.PROC digits, absolute directories, and ssh users
+and hosts that cannot start with '-'. No part can then be read as an option
+by a tool it is handed to.
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ class HostCommands:
 @dataclasses.dataclass(frozen=True)
 class Source:
     scheme: str
-    # Container name or id (docker), instance name (apptainer); empty for local.
+    # Container name or id (docker), instance name (apptainer), job id
+    # CLUSTER.PROC (condor); empty for local.
     target: str
-    # The directory inside the sandbox that the mount shows.
+    # The directory inside the sandbox that the mount shows. For condor, it
+    # is relative to the job's scratch directory: "/" is the scratch
+    # directory itself.
     root: str
     # The user operations run as inside the sandbox (docker exec --user).
     user: str | None = None
-    # The host that runs the sandbox, when it is reached through ssh.
+    # The host that runs the sandbox (condor: the submit node), when it is
+    # reached through ssh.
     via: SshTarget | None = None
     # How to run the tools that reach the sandbox. Not part of the name.
     commands: HostCommands = dataclasses.field(default_factory=HostCommands, compare=False)
@@ -67,6 +74,8 @@ class Source:
     def __str__(self) -> str:
         if self.scheme == "local":
             return f"local://{self.root}"
+        if self.scheme == "condor":
+            return _condor_text(self)
         user = f"{self.user}@" if self.user else ""
         root = "" if self.root == "/" else f":{self.root}"
         via = f"?via={self.via}" if self.via is not None else ""
@@ -84,10 +93,15 @@ _INSTANCE = re.compile(r"[a-zA-Z0-9._][a-zA-Z0-9._-]*")
 # may start with '-', or ssh would read it as an option.
 _SSH_USER = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]*")
 _SSH_HOST = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]*")
+# An HTCondor job id: CLUSTER.PROC, ASCII digits only.
+_JOB_ID = re.compile(r"[0-9]+\.[0-9]+")
+# The submit host name that means this host, reached without ssh.
+CONDOR_LOCAL_HOST = "local"
 
 EXAMPLES = (
     "docker://CONTAINER, docker://CONTAINER:/dir, docker://USER@CONTAINER:/dir, "
-    "apptainer://INSTANCE:/dir, apptainer://INSTANCE:/dir?via=ssh://USER@HOST:PORT or local:///abs/dir"
+    "apptainer://INSTANCE:/dir, apptainer://INSTANCE:/dir?via=ssh://USER@HOST:PORT, "
+    "condor://USER@SUBMIT_HOST/CLUSTER.PROC:/dir, condor://local/CLUSTER.PROC:/dir or local:///abs/dir"
 )
 
 
@@ -102,6 +116,8 @@ def parse_source(text: str) -> Source:
         return _parse_docker(rest, text)
     if scheme == "apptainer":
         return _parse_apptainer(rest, text)
+    if scheme == "condor":
+        return _parse_condor(rest, text)
     raise SourceError(f"unknown source type {scheme!r} in {text!r}: expected {EXAMPLES}")
 
 
@@ -130,6 +146,39 @@ def _parse_apptainer(rest: str, text: str) -> Source:
     return Source("apptainer", instance, root, via=via)
 
 
+def _parse_condor(rest: str, text: str) -> Source:
+    address, slash, job_part = rest.partition("/")
+    if not slash:
+        raise SourceError(
+            f"invalid source {text!r}: expected condor://[USER@]SUBMIT_HOST[:PORT]/CLUSTER.PROC[:/dir] "
+            "or condor://local/CLUSTER.PROC[:/dir]"
+        )
+    job, colon, directory = job_part.partition(":")
+    check_job_id(job, text)
+    root = _directory(directory, text) if colon else "/"
+    if address == CONDOR_LOCAL_HOST:
+        return Source("condor", job, root)
+    if "[" in address or "]" in address:
+        raise SourceError(
+            f"invalid submit host {address!r} in {text!r}: IPv6 addresses in brackets are not supported; "
+            "use a host name or a Host alias of your ssh config"
+        )
+    return Source("condor", job, root, via=_parse_ssh_address(address, text))
+
+
+def check_job_id(job: str, text: str | None = None) -> None:
+    """Raise SourceError unless `job` is an HTCondor job id CLUSTER.PROC."""
+    if not _JOB_ID.fullmatch(job):
+        where = f" in {text!r}" if text is not None else ""
+        raise SourceError(f"invalid job id {job!r}{where}: use CLUSTER.PROC as condor_q shows it, such as 42.0")
+
+
+def _condor_text(source: Source) -> str:
+    host = CONDOR_LOCAL_HOST if source.via is None else str(source.via).removeprefix("ssh://")
+    root = "" if source.root == "/" else f":{source.root}"
+    return f"condor://{host}/{source.target}{root}"
+
+
 def check_instance_name(instance: str, text: str | None = None) -> None:
     """Raise SourceError unless `instance` is a valid Apptainer instance name."""
     if not _INSTANCE.fullmatch(instance) or set(instance) == {"."}:
@@ -147,7 +196,10 @@ def _parse_via(query: str, text: str) -> SshTarget:
     scheme, sep, address = value.partition("://")
     if scheme != "ssh" or not sep:
         raise SourceError(f"invalid via {value!r} in {text!r}: use ssh://[USER@]HOST[:PORT]")
+    return _parse_ssh_address(address, text)
 
+
+def _parse_ssh_address(address: str, text: str) -> SshTarget:
     user = None
     if "@" in address:
         user, _, address = address.rpartition("@")

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -31,6 +32,7 @@ BACKENDS = [
     "apptainer-busybox",
     "apptainer-ssh-python",
     "apptainer-ssh-busybox",
+    "condor-python",
 ]
 
 
@@ -206,11 +208,70 @@ def start_apptainer_sandbox(kind: str, host: TrixieHost, **instance_options) -> 
     return sandbox
 
 
+def submit_condor_job(host: TrixieHost, executable: str = "/bin/sleep", arguments: str = "3600") -> str:
+    """Submit a vanilla job as alice and return its id CLUSTER.PROC.
+
+    The job gets a scratch directory under /var/lib/condor/execute because
+    it transfers files (see `trixie_condor_host`).
+    """
+    description = (
+        f"executable = {executable}\n"
+        f"arguments = {arguments}\n"
+        "should_transfer_files = yes\n"
+        "when_to_transfer_output = ON_EXIT\n"
+        "queue\n"
+    )
+    path = f"/tmp/sbxtest-{uuid.uuid4().hex[:8]}.sub"
+    host.exec(["sh", "-c", 'cat > "$1"', "sh", path], user="alice", input=description.encode())
+    output = host.ssh(f"condor_submit -terse {path}", user="alice").stdout.decode()
+    # -terse prints "FIRST - LAST", such as "7.0 - 7.0".
+    return output.split()[0]
+
+
+def condor_job_status(host: TrixieHost, job: str) -> str:
+    """Return the job's JobStatus as condor_q prints it, or "" once it left the queue."""
+    return host.ssh(f"condor_q {job} -af JobStatus", user="alice").stdout.decode().strip()
+
+
+def wait_for_condor_job(host: TrixieHost, job: str, timeout: float = 60.0) -> str:
+    """Wait until the job runs; return its scratch directory."""
+    deadline = time.monotonic() + timeout
+    while condor_job_status(host, job) != "2":
+        if time.monotonic() >= deadline:
+            pytest.fail(f"HTCondor job {job} did not run within {timeout:.0f} s")
+        time.sleep(0.2)
+    output = host.ssh(f"condor_ssh_to_job -auto-retry {job} printenv _CONDOR_SCRATCH_DIR", user="alice").stdout
+    return output.decode().strip()
+
+
+def start_condor_sandbox(kind: str, host: TrixieHost) -> Sandbox:
+    """Submit a `sleep 3600` job as alice and return the Sandbox of its scratch directory.
+
+    The mount goes through ssh to the test container as alice, then
+    condor_ssh_to_job. Test-side commands reach the same directory with
+    `docker exec` as alice, which is faster.
+    """
+    job = submit_condor_job(host)
+    scratch = wait_for_condor_job(host, job)
+    prefix = ["docker", "exec", "-i", "--user", "alice", host.name]
+    source = f"condor://alice@{host.host_alias}/{job}"
+    options = ("--ssh-command", f"ssh -F {host.ssh_config}")
+    sandbox = Sandbox(kind, scratch, prefix=prefix, source=source, mount_options=options)
+    sandbox.job = job
+    return sandbox
+
+
 def make_sandbox(kind: str, containers, local_root: str, request) -> Sandbox:
     if kind == "local":
         return Sandbox(kind, local_root)
     if kind.startswith("apptainer"):
         return start_apptainer_sandbox(kind, request.getfixturevalue("trixie_host"))
+    if kind.startswith("condor"):
+        host = request.getfixturevalue("trixie_condor_host")
+        sandbox = start_condor_sandbox(kind, host)
+        # Runs before the test container is removed, which is set up later.
+        request.addfinalizer(lambda: host.ssh(f"condor_rm {sandbox.job}", user="alice", check=False))
+        return sandbox
     image = DEBIAN_IMAGE if kind == "docker-debian" else BUSYBOX_IMAGE
     return Sandbox(kind, "/workspace", containers(image))
 

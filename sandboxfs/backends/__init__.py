@@ -33,4 +33,10 @@ async def open_backend(nursery: trio.Nursery, source: Source) -> Backend:
             apptainer=source.commands.apptainer,
             ssh_command=source.commands.ssh,
         )
+    if source.scheme == "condor":
+        from .htcondor import connect_condor
+
+        return await connect_condor(
+            nursery, source.target, subdir=source.root, via_ssh=source.via, ssh_command=source.commands.ssh
+        )
     raise ConnectError(f"unknown source type {source.scheme!r}")
