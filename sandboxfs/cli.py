@@ -43,7 +43,10 @@ def _command_words(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandboxfs",
-        description="Mount a sandbox (a Docker container, an Apptainer instance or a host directory) as a local directory.",
+        description=(
+            "Mount a sandbox (a Docker container, an Apptainer instance, an HTCondor job's "
+            "scratch directory or a host directory) as a local directory."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"sandboxfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount_parser = commands.add_parser("mount", help="mount a sandbox on a directory")
     mount_parser.add_argument(
         "source",
-        help="docker://[USER@]CONTAINER[:/dir], apptainer://INSTANCE[:/dir][?via=ssh://[USER@]HOST[:PORT]] or local:///abs/dir",
+        help=(
+            "docker://[USER@]CONTAINER[:/dir], apptainer://INSTANCE[:/dir][?via=ssh://[USER@]HOST[:PORT]], "
+            "condor://[USER@]SUBMIT_HOST[:PORT]/CLUSTER.PROC[:/dir] or local:///abs/dir"
+        ),
     )
     mount_parser.add_argument("mountpoint", help="an existing directory (its contents are hidden while mounted)")
     mount_parser.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_command_words,
         default=HostCommands.ssh,
         metavar="CMD",
-        help="the ssh command and its options for ?via=ssh:// sources, split as a shell would, "
+        help="the ssh command and its options for ?via=ssh:// and condor:// sources, split as a shell would, "
         "such as 'ssh -i ~/.ssh/box_key' (default: ssh)",
     )
     mount_parser.add_argument("--log-file", metavar="FILE", help="log file of the background process (default ~/.local/state/sandboxfs/log/)")
