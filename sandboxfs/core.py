@@ -163,13 +163,18 @@ class FilesystemCore:
 
     async def getattr(self, ino: int) -> tuple[Node, Stat]:
         node = self.node(ino)
-        if node.attr is not None and node.attr_expiry > self._now():
+        fresh = node.attr_expiry > self._now()
+        if node.attr is not None and (fresh or node.detached):
+            # An unlinked file has no path to stat; its open handles see the
+            # attributes it had, as fstat(2) on a local filesystem does.
             return node, self.display(node, node.attr)
         st = await self.backend.stat(self.path(node))
         return node, self.remember(node, st)
 
     async def setattr(self, ino: int, changes: Changes) -> tuple[Node, Stat]:
         node = self.node(ino)
+        if node.detached:
+            return node, self._setattr_detached(node, changes)
         path = self.path(node)
         staged = node.dirty
 
@@ -196,6 +201,36 @@ class FilesystemCore:
 
         st = await self.backend.stat(path)
         return node, self.remember(node, st)
+
+    def _setattr_detached(self, node: Node, changes: Changes) -> Stat:
+        """Apply a setattr to a file whose name was unlinked, through an open handle.
+
+        No name leads to the file in the sandbox any more, so the changes are
+        kept in the cached attributes (and the staged size) for the handles
+        that remain, as a local filesystem keeps them on the orphaned inode.
+        """
+        if node.attr is None:
+            raise FsError(errno.ENOENT)
+        replaced = {}
+        if changes.size is not None:
+            if node.dirty is None:
+                node.dirty = StagedFile(self.options.staging_dir, node.attr.size)
+            node.dirty.truncate(changes.size)
+            replaced["size"] = changes.size
+        if changes.mode is not None:
+            replaced["mode"] = stat_module.S_IFMT(node.attr.mode) | stat_module.S_IMODE(changes.mode)
+        uid, gid = self._sandbox_ids(changes.uid, changes.gid)
+        if uid is not None:
+            replaced["uid"] = uid
+        if gid is not None:
+            replaced["gid"] = gid
+        if changes.atime_ns is not None:
+            replaced["atime_ns"] = changes.atime_ns
+        if changes.mtime_ns is not None:
+            replaced["mtime_ns"] = changes.mtime_ns
+        node.attr = dataclasses.replace(node.attr, **replaced)
+        node.attr_expiry = float("inf")
+        return self.display(node, node.attr)
 
     async def readlink(self, ino: int) -> str:
         node = self.node(ino)
