@@ -183,10 +183,7 @@ class FilesystemCore:
                 staged.truncate(changes.size)
             else:
                 await self.backend.truncate(path, changes.size)
-                # A later write starts its staged file from this size.
-                for handle in self.handles.values():
-                    if handle.node is node:
-                        handle.remote_size = changes.size
+                self._note_remote_size(node, changes.size)
         if changes.mode is not None:
             await self.backend.chmod(path, stat_module.S_IMODE(changes.mode))
         if changes.uid is not None or changes.gid is not None:
@@ -201,6 +198,15 @@ class FilesystemCore:
 
         st = await self.backend.stat(path)
         return node, self.remember(node, st)
+
+    def _note_remote_size(self, node: Node, size: int) -> None:
+        """Record a new size of the sandbox's file for the node's open handles.
+
+        A later write through any of them starts its staged file from it.
+        """
+        for handle in self.handles.values():
+            if handle.node is node:
+                handle.remote_size = size
 
     def _setattr_detached(self, node: Node, changes: Changes) -> Stat:
         """Apply a setattr to a file whose name was unlinked, through an open handle.
@@ -332,6 +338,7 @@ class FilesystemCore:
 
         if truncate:
             await self.backend.truncate(path, 0)
+            self._note_remote_size(node, 0)
         st = await self.backend.open_check(path, writable)
         if st.is_dir:
             raise FsError(errno.EISDIR)
