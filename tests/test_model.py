@@ -417,7 +417,7 @@ def test_random_operations_match_host_directory(kind, mounts):
     machine = type(
         "Model",
         (MountModel,),
-        {"mount_root": mount.path, "ref_parent": ref_parent, "search_bit_needed": kind == "docker-busybox"},
+        {"mount_root": mount.path, "ref_parent": ref_parent, "search_bit_needed": False},
     )
     try:
         run_state_machine_as_test(machine, settings=model_settings())
@@ -442,14 +442,7 @@ def fresh_directory(mounts, kind: str) -> str:
     [
         "local",
         "docker-debian",
-        pytest.param(
-            "docker-busybox",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the shell fallback checks search permission with busybox `[ -x ]`, "
-                "which is false for root on a directory without x bits; the kernel lets root search it",
-            ),
-        ),
+        "docker-busybox",
     ],
 )
 def test_directory_without_search_bits_lists_for_root(mounts, kind):

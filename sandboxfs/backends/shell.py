@@ -126,6 +126,9 @@ for a do
 done
 exists() { [ -e "$1" ] || [ -L "$1" ]; }
 isdir() { [ -d "$1" ] && ! [ -L "$1" ]; }
+# The kernel decides whether a directory can be searched: busybox's `[ -x ]`
+# is false for root on a directory without x bits, where the kernel allows it.
+searchable() { ( cd -- "$1" ) 2>/dev/null; }
 st() { stat -c '"""
     + _STAT_FORMAT
     + r"""' "$@"; }
@@ -134,7 +137,7 @@ missing() {
   while m=${m%/*}; [ -n "$m" ]; do
     if [ -e "$m" ]; then
       [ -d "$m" ] || exit $ENOTDIR
-      [ -x "$m" ] || exit $EACCES
+      searchable "$m" || exit $EACCES
       exit $ENOENT
     fi
   done
@@ -169,7 +172,7 @@ _LIST_DIR = r"""
 d=$1
 [ -e "$d" ] || missing "$d"
 [ -d "$d" ] || exit $ENOTDIR
-[ -r "$d" ] && [ -x "$d" ] || exit $EACCES
+[ -r "$d" ] && searchable "$d" || exit $EACCES
 set -- "$d"/* "$d"/.*
 for p do
   shift
