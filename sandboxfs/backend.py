@@ -58,12 +58,12 @@ ERRNO_BY_CODE: dict[str, int] = {
     "not_supported": errno.EOPNOTSUPP,
     "bad_descriptor": errno.EBADF,
     "io_error": errno.EIO,
-    # A backend that stops answering within its bound. ETIMEDOUT would be
-    # truthful but programs doing file I/O do not expect it; EIO they handle.
+    # A backend that sent no reply within its bound. ETIMEDOUT would be
+    # accurate, but programs doing file I/O do not expect it. They handle EIO.
     "timed_out": errno.EIO,
     # The sandbox or the channel to it is gone (container stopped, helper
-    # killed). ENOTCONN is what users of network filesystems know from a dead
-    # connection, and it tells them to look at the sandbox, not the disk.
+    # killed). ENOTCONN is the error users of network filesystems see for a dead
+    # connection, so it points them at the sandbox, not the disk.
     "unavailable": errno.ENOTCONN,
 }
 

@@ -26,7 +26,7 @@ class Node:
     # How many names in the table have this node as parent.
     children: int = 0
     # The node's name was unlinked or replaced; operations on it fail with
-    # ENOENT, and it stays in the table until the kernel forgets it.
+    # ENOENT, and it stays in the table until the kernel sends FORGET for it.
     detached: bool = False
     # Cached attributes (a backend Stat) and when they expire (trio time).
     attr: object = None

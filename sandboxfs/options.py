@@ -20,7 +20,7 @@ def cache_dir() -> str:
 
 @dataclasses.dataclass
 class MountOptions:
-    """How a mount behaves; the CLI documents each field's option."""
+    """The settings of one mount; the CLI documents the option behind each field."""
 
     # Seconds the kernel and the core keep attributes and names.
     attr_timeout: float = 1.0
