@@ -201,6 +201,19 @@ class Backend(abc.ABC):
     # the filesystem splits larger transfers.
     max_chunk: int = 1 << 20
 
+    # How many times the mount connected to the sandbox again after a fault;
+    # a file opened under an older generation may hold stale data.
+    generation: int = 0
+
+    @property
+    def connected(self) -> bool:
+        """False once the backend knows its connection is lost for good.
+
+        A backend that makes a new connection per request has nothing to lose
+        and stays True; its requests report `unavailable` themselves.
+        """
+        return True
+
     async def aclose(self) -> None:
         """Release the connection; pending calls fail with `unavailable`."""
 

@@ -30,6 +30,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: it must be more than 0")
+    return value
+
+
 def _command_words(text: str) -> tuple[str, ...]:
     try:
         words = tuple(shlex.split(text))
@@ -83,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     mount_parser.add_argument(
         "--negative-timeout", type=_seconds, default=1.0, metavar="SECONDS", help="time a missing name is remembered (default 1)"
     )
+    mount_parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=MountOptions.timeout,
+        metavar="SECONDS",
+        help="how long to wait for the sandbox to answer one request before it fails with EIO and the mount "
+        f"connects again (default {MountOptions.timeout:g})",
+    )
     mount_parser.add_argument("--recovery-dir", metavar="DIR", help="where data of failed uploads is kept (default ~/.local/state/sandboxfs/recovery)")
     mount_parser.add_argument(
         "--apptainer",
@@ -116,6 +131,7 @@ def _mount(args: argparse.Namespace) -> None:
         attr_timeout=args.attr_timeout,
         entry_timeout=args.entry_timeout,
         negative_timeout=args.negative_timeout,
+        timeout=args.timeout,
         idmap=args.idmap,
         symlinks=args.symlinks,
         read_only=args.read_only,

@@ -53,6 +53,9 @@ class Handle:
     writable: bool
     # The sandbox file's size when opened, for a StagedFile made at first write.
     remote_size: int = 0
+    # The backend's connection generation when opened: after the mount has
+    # connected again, what the handle cached may no longer be the sandbox's.
+    generation: int = 0
 
 
 @dataclasses.dataclass
@@ -78,26 +81,11 @@ class FilesystemCore:
         self.dir_handles: dict[int, list[tuple[str, Stat]]] = {}
         self.dir_handles_nodes: dict[int, Node] = {}
         self._next_fh = 1
-        # "ok", or why the sandbox cannot be reached; `on_health_change` is
-        # called with the new value whenever it changes.
-        self.health = "ok"
-        self.on_health_change = None
         self.local_uid = os.getuid()
         self.local_gid = os.getgid()
         os.makedirs(options.staging_dir, mode=0o700, exist_ok=True)
 
     # Helpers.
-
-    def note_error(self, exc: BackendError) -> None:
-        """Record that the sandbox became unreachable (code `unavailable`)."""
-        if exc.code != "unavailable":
-            return
-        status = f"broken: {exc.message or 'the sandbox cannot be reached'}"
-        if status != self.health:
-            self.health = status
-            logger.error("the sandbox cannot be reached (%s); operations fail with ENOTCONN", exc)
-            if self.on_health_change is not None:
-                self.on_health_change(status)
 
     def node(self, ino: int) -> Node:
         node = self.table.get(ino)
@@ -299,6 +287,7 @@ class FilesystemCore:
     # Files.
 
     def _new_handle(self, handle: Handle) -> int:
+        handle.generation = self.backend.generation
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
@@ -356,6 +345,11 @@ class FilesystemCore:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handle(fh)
+        if handle.generation != self.backend.generation:
+            # The sandbox was out of reach since this file was opened, and
+            # the file may have changed meanwhile: EIO rather than old data.
+            # Writes are still taken, and uploaded as any others.
+            raise FsError(errno.EIO, "the file was opened before the mount connected again; open it again")
         node = handle.node
         staged = node.dirty
         if staged is not None:

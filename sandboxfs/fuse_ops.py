@@ -55,7 +55,6 @@ def _translate_errors(handler):
             self._log_failure(handler.__name__, args, exc.errno, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except BackendError as exc:
-            self.core.note_error(exc)
             self._log_failure(handler.__name__, args, exc.errno, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:

@@ -27,11 +27,12 @@ import time
 import pyfuse3
 import trio
 
-from .backend import ConnectError
+from .backend import Backend, ConnectError
 from .backends import open_backend
 from .core import FilesystemCore
 from .fuse_ops import Operations
 from .options import MountOptions, state_dir
+from .reconnect import ReconnectingBackend
 from .sources import Source
 
 logger = logging.getLogger(__name__)
@@ -228,7 +229,10 @@ def _fuse_options(source: Source, options: MountOptions) -> set[str]:
 async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready, log_file: str | None = None) -> None:
     """Connect, mount, and serve until unmounted or signalled."""
     async with trio.open_nursery() as nursery:
-        backend = await open_backend(nursery, source)
+        async def connect() -> Backend:
+            return await open_backend(nursery, source, options.timeout)
+
+        backend = ReconnectingBackend(await connect(), connect)
         core = FilesystemCore(backend, options)
         try:
             pyfuse3.init(Operations(core), mountpoint, _fuse_options(source, options))
@@ -239,7 +243,7 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
         # unmount, a newer mount can sit at the same path.
         device = _device_at(mountpoint)
         _write_state(mountpoint, source, log_file)
-        core.on_health_change = lambda status: _update_status(mountpoint, source, log_file, status)
+        backend.on_health_change = lambda status: _update_status(mountpoint, source, log_file, status)
         logger.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
         on_ready()
         nursery.start_soon(_stop_on_signal)

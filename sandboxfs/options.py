@@ -27,6 +27,9 @@ class MountOptions:
     entry_timeout: float = 1.0
     # Seconds the kernel remembers that a name does not exist.
     negative_timeout: float = 1.0
+    # Seconds to wait for the sandbox's reply to one request; then the
+    # request fails with EIO and the mount connects again.
+    timeout: float = 60.0
     # "user": the sandbox user's files appear owned by the mounting user.
     # "none": uids and gids are shown as the sandbox has them.
     idmap: str = "user"

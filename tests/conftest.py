@@ -163,6 +163,43 @@ def containers():
         docker("rm", "-f", name, check=False)
 
 
+@pytest.fixture
+def new_container():
+    """Start fresh containers for one test: new_container(image, *docker_run_options)."""
+    names: list[str] = []
+
+    def start(image: str, *extra: str) -> str:
+        names.append(_start_container(image, *extra))
+        return names[-1]
+
+    yield start
+    for name in names:
+        docker("rm", "-f", name, check=False)
+
+
+@pytest.fixture
+def mount_of():
+    """Mount sources for one test: mount_of(source, *options); unmounted afterwards."""
+    made: list[Mount] = []
+
+    def make(source: str, *options: str) -> Mount:
+        made.append(Mount(source, *options))
+        return made[-1]
+
+    yield make
+    for mount in made:
+        mount.close()
+
+
+@pytest.fixture
+def mountpoint():
+    """An empty directory to mount on; unmounted lazily and removed afterwards."""
+    path = tempfile.mkdtemp(prefix="sbxtest-mnt-")
+    yield path
+    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+    os.rmdir(path)
+
+
 @pytest.fixture(scope="session")
 def local_root():
     root = tempfile.mkdtemp(prefix="sbxtest-local-")

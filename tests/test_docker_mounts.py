@@ -12,13 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 import pytest
 
-from conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, REPO, Mount, Sandbox, docker, sandboxfs
+from conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, REPO, Sandbox, docker, sandboxfs
 
 IMAGES = {"debian": DEBIAN_IMAGE, "busybox": BUSYBOX_IMAGE}
 
@@ -29,41 +27,9 @@ def image(request) -> str:
 
 
 @pytest.fixture
-def container(image):
-    """A fresh running container, removed afterwards."""
-    names = []
-
-    def start(*extra: str) -> str:
-        name = f"sbxtest-{uuid.uuid4().hex[:10]}"
-        docker("run", "-d", "--name", name, *extra, image, "sleep", "infinity")
-        names.append(name)
-        return name
-
-    yield start
-    for name in names:
-        docker("rm", "-f", name, check=False)
-
-
-@pytest.fixture
-def mount_of():
-    mounts = []
-
-    def make(source: str, *options: str) -> Mount:
-        mount = Mount(source, *options)
-        mounts.append(mount)
-        return mount
-
-    yield make
-    for mount in mounts:
-        mount.close()
-
-
-@pytest.fixture
-def mountpoint():
-    path = tempfile.mkdtemp(prefix="sbxtest-mnt-")
-    yield path
-    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
-    os.rmdir(path)
+def container(image, new_container):
+    """Start a fresh container of the test's image: container(*docker_run_options)."""
+    return lambda *extra: new_container(image, *extra)
 
 
 def errno_of(call, *args) -> int:

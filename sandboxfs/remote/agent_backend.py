@@ -54,6 +54,10 @@ class AgentBackend(Backend):
         self.identity = Identity(uid, gid)
         return result
 
+    @property
+    def connected(self) -> bool:
+        return not self._closed and not self.channel.closed
+
     async def aclose(self) -> None:
         if self._closed:
             return
