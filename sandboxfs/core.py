@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import stat as stat_module
@@ -30,6 +31,7 @@ import trio
 from .backend import Backend, BackendError, Stat, StatFs
 from .inodes import InodeTable, Node
 from .options import MountOptions
+from .readahead import ReadAhead, limit_for
 from .staging import StagedFile
 from .symlinks import contain_target
 
@@ -56,6 +58,7 @@ class Handle:
     # The backend's connection generation when opened: after the mount has
     # connected again, what the handle cached may no longer be the sandbox's.
     generation: int = 0
+    readahead: ReadAhead = dataclasses.field(default_factory=ReadAhead)
 
 
 @dataclasses.dataclass
@@ -195,6 +198,7 @@ class FilesystemCore:
         for handle in self.handles.values():
             if handle.node is node:
                 handle.remote_size = size
+                handle.readahead.drop()
 
     def _setattr_detached(self, node: Node, changes: Changes) -> Stat:
         """Apply a setattr to a file whose name was unlinked, through an open handle.
@@ -288,6 +292,7 @@ class FilesystemCore:
 
     def _new_handle(self, handle: Handle) -> int:
         handle.generation = self.backend.generation
+        handle.readahead.limit = limit_for(self.backend.max_chunk)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
@@ -357,7 +362,8 @@ class FilesystemCore:
             # bytes that must come from the sandbox need the path.
             path = self.table.path(node) if node.detached else self.path(node)
             return await staged.read(self.backend, path, offset, size)
-        return await self.backend.read(self.path(node), offset, size)
+        path = self.path(node)
+        return await handle.readahead.read(functools.partial(self.backend.read, path), offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handle(fh)
