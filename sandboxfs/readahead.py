@@ -3,7 +3,7 @@
 The kernel sends reads of at most a few hundred KiB, and each one costs the
 mount a round trip to the sandbox: a request to the helper, or a whole new
 process on the shell fallback. When a program reads a file in order,
-`ReadAhead` asks the sandbox for more than the kernel asked for, doubling
+`ReadAhead` requests more from the sandbox than the kernel requested, doubling
 the amount on each sequential read up to a limit, and serves the following
 reads from what it kept.
 
@@ -18,8 +18,8 @@ from typing import Awaitable, Callable
 
 import trio
 
-# Bounds of the most one fetch asks for, which is also the most one open
-# file keeps: at least what the kernel asks for at once, at most 4 MiB.
+# Bounds of the largest fetch: at least one kernel read request, at most
+# 4 MiB. One open file keeps at most twice the limit.
 MIN_LIMIT = 128 << 10
 MAX_LIMIT = 4 << 20
 
@@ -43,7 +43,7 @@ class ReadAhead:
         self._expected = 0
         self._window = 0
         # Concurrent reads of one file wait for a fetch under way, which
-        # usually holds what they want.
+        # usually contains the bytes they need.
         self._lock = trio.Lock()
 
     def drop(self) -> None:
