@@ -56,14 +56,6 @@ def mount_of():
         mount.close()
 
 
-@pytest.fixture
-def mountpoint():
-    path = tempfile.mkdtemp(prefix="sbxtest-mnt-")
-    yield path
-    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
-    os.rmdir(path)
-
-
 def errno_of(call, *args) -> int:
     with pytest.raises(OSError) as info:
         call(*args)
@@ -114,7 +106,7 @@ def test_owner_inside_equals_owner_outside(kind, instances, mount_of, trixie_hos
     assert os.stat(os.path.join(mount.path, "owned")).st_uid == os.getuid()
 
 
-def test_stopped_instance_fails_fast_and_list_shows_broken(kind, instances, mount_of, trixie_host):
+def test_stopped_instance_fails_fast_then_recovers_when_started(kind, instances, mount_of, trixie_host):
     sandbox = instances(kind)
     mount = mount_of(sandbox)
     with open(os.path.join(mount.path, "f"), "w") as file:
@@ -128,6 +120,23 @@ def test_stopped_instance_fails_fast_and_list_shows_broken(kind, instances, moun
 
     line = next(info for info in sandboxfs("list").stdout.splitlines() if mount.path in info)
     assert "broken" in line
+
+    # The same instance started again: the mount comes back without a remount.
+    image = kind.rsplit("-", 1)[1]
+    trixie_host.start_instance(image, sandbox.instance, binds=[f"/srv/{sandbox.instance}:/workspace"])
+    deadline = time.monotonic() + 40
+    while True:
+        try:
+            entries = os.listdir(mount.path)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the mount did not recover after the instance started again"
+            time.sleep(0.2)
+    assert entries == ["f"]
+    with open(os.path.join(mount.path, "f")) as file:
+        assert file.read() == "before"
+    line = next(info for info in sandboxfs("list").stdout.splitlines() if mount.path in info)
+    assert line.rstrip().endswith("ok")
 
 
 def test_missing_instance_is_one_line_error(trixie_host, mountpoint):
@@ -158,7 +167,7 @@ def test_missing_apptainer_command_is_one_line_error(mountpoint, tmp_path):
 def test_refused_ssh_is_one_line_error(trixie_host, mountpoint):
     # A port on loopback where nothing listens: the connection is refused.
     with tempfile.NamedTemporaryFile("w", suffix=".conf") as config:
-        config.write(f"Host refused\n    HostName 127.0.0.1\n    Port 1\n    BatchMode yes\n")
+        config.write("Host refused\n    HostName 127.0.0.1\n    Port 1\n    BatchMode yes\n")
         config.flush()
         result = sandboxfs(
             "mount", "--ssh-command", f"ssh -F {config.name}", "apptainer://box?via=ssh://refused", mountpoint, check=False
