@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 FSTYPE = "fuse.sandboxfs"
 # Seconds to upload pending writes when the mount is stopped.
+# Seconds between two checks that the mount is still in this mount namespace.
+DETACH_CHECK_INTERVAL = 1.0
 FLUSH_ON_EXIT_TIMEOUT = 300.0
 
 
@@ -166,6 +168,12 @@ def _device_at(mountpoint: str) -> str | None:
     return device
 
 
+def _device_mounted(device: str) -> bool:
+    """Check whether a mount of `device` ("major:minor") is in this mount namespace."""
+    with open("/proc/self/mountinfo", "rb") as table:
+        return any(line.split(b" ")[2].decode() == device for line in table)
+
+
 def _is_mounted(mountpoint: str) -> bool:
     return _device_at(mountpoint) is not None
 
@@ -246,10 +254,16 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
         backend.on_health_change = lambda status: _update_status(mountpoint, source, log_file, status)
         logger.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
         on_ready()
-        nursery.start_soon(_stop_on_signal)
+        # Set once the FUSE main loop has returned: from then on the session
+        # may be closed, and pyfuse3.terminate must not be called.
+        main_ended = trio.Event()
+        nursery.start_soon(_stop_on_signal, main_ended)
+        if device is not None:
+            nursery.start_soon(_stop_when_detached, core, device, main_ended)
         try:
             await pyfuse3.main()
         finally:
+            main_ended.set()
             with trio.CancelScope(shield=True):
                 await core.flush_all(FLUSH_ON_EXIT_TIMEOUT)
                 still_ours = device is not None and _device_at(mountpoint) == device
@@ -262,12 +276,34 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
             nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(main_ended: trio.Event) -> None:
+    """End the FUSE main loop at SIGTERM, SIGINT or SIGHUP, unless it has ended already."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if main_ended.is_set():
+                logger.info("received %s while already unmounting", signal.Signals(signum).name)
+                continue
             logger.info("received %s: uploading pending writes, then unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+async def _stop_when_detached(core: FilesystemCore, device: str, main_ended: trio.Event) -> None:
+    """End the server once the mount is gone from this namespace and nothing is open.
+
+    The kernel ends the FUSE connection only when no mount namespace has a
+    copy of the mount left. A namespace made while the mount existed (by
+    `unshare -m`, or by HTCondor's starter for each condor_ssh_to_job session)
+    keeps a copy, so without this check the server would wait for that
+    namespace to end after `sandboxfs umount` or `fusermount3 -u`.
+    """
+    while not main_ended.is_set():
+        if not _device_mounted(device) and not core.handles and not core.dir_handles:
+            logger.info("the mount was removed from this mount namespace and nothing is open: stopping")
+            pyfuse3.terminate()
+            return
+        with trio.move_on_after(DETACH_CHECK_INTERVAL):
+            await main_ended.wait()
 
 
 def _run_server(source: Source, mountpoint: str, options: MountOptions, on_ready, log_file: str | None) -> None:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, Mount, Sandbox, docker, sandboxfs
-from sandboxfs.mount import mounted
+from sandboxfs.mount import mounted, pid_alive
 
 IMAGES = {"debian": DEBIAN_IMAGE, "busybox": BUSYBOX_IMAGE}
 MiB = 1 << 20
@@ -308,3 +308,24 @@ def test_umount_with_open_file_refuses_and_loses_nothing(new_container, mount_of
     finally:
         file.close()
     assert Sandbox("docker", "/tmp", name).read("/tmp/pending") == b"still open"
+
+
+def test_umount_returns_while_another_namespace_keeps_a_copy(new_container, mount_of):
+    name = new_container(DEBIAN_IMAGE)
+    mount = mount_of(f"docker://{name}:/tmp")
+    pid, _ = status_of(mount)
+    # A new mount namespace copies every mount, this one included, and keeps
+    # the FUSE connection open after the mount is gone from ours.
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "300"])
+    try:
+        time.sleep(0.5)
+        with open(os.path.join(mount.path, "f"), "w") as file:
+            file.write("written before the unmount")
+        started = time.monotonic()
+        sandboxfs("umount", mount.path)
+        assert time.monotonic() - started < 15
+        assert not pid_alive(pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Sandbox("docker", "/tmp", name).read("/tmp/f") == b"written before the unmount"
