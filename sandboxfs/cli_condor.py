@@ -26,6 +26,7 @@ from sandboxfs.condor_jobs import (
     submit_description,
     submit_job,
 )
+from sandboxfs.sources import CONDOR_LOCAL_HOST
 
 __all__ = ["CondorError", "add_condor_commands", "run_condor"]
 
@@ -53,7 +54,12 @@ def _add_route_options(parser: argparse.ArgumentParser) -> None:
         metavar="[USER@]HOST[:PORT]",
         help="the HTCondor submit node, reached with ssh; the HTCondor tools run there",
     )
-    route.add_argument("--local", action="store_true", help="this host is the submit node: run condor_submit here")
+    route.add_argument(
+        "--local",
+        action="store_true",
+        help="this host is the submit node: use HTCondor's htcondor2 Python bindings here, "
+        "or condor_submit and condor_rm when htcondor2 cannot be imported",
+    )
     parser.add_argument(
         "--ssh-command",
         type=_command_words,
@@ -111,7 +117,7 @@ def add_condor_commands(subparsers) -> None:
     )
     submit.add_argument("--name", default="sandbox", metavar="NAME", help="the job's batch name and job directory prefix (default: sandbox)")
 
-    rm = commands.add_parser("rm", help="remove a sandbox job with condor_rm")
+    rm = commands.add_parser("rm", help="remove a sandbox job (condor_rm)")
     rm.add_argument("job", metavar="JOB", help="the job id, CLUSTER.PROC")
     _add_route_options(rm)
 
@@ -167,7 +173,7 @@ def _submit(args: argparse.Namespace, host) -> None:
         node.close()
 
     print(job.job_id)
-    source = f"condor://{host}/{job.job_id}" if host is not None else f"condor://localhost/{job.job_id}"
+    source = f"condor://{host if host is not None else CONDOR_LOCAL_HOST}/{job.job_id}"
     print(f"submitted job {job.job_id}; its files are in {job.job_dir} on {node.label}", file=sys.stderr)
     print(f"mount it with: sandboxfs mount {source} MOUNTPOINT", file=sys.stderr)
     if request.outputs:

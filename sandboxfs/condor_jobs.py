@@ -403,18 +403,19 @@ def new_job_dir(name: str) -> str:
 class SubmitNode:
     """Runs argvs on the submit node: this host (`local`) or one reached with ssh.
 
-    Commands start in the user's home directory on the node. `close` stops
-    the ssh connection.
+    Commands start in the user's home directory on the node. `bindings` is
+    the htcondor2 module when the node is this host and the module can be
+    imported, else None. `close` stops the ssh connection.
     """
-
-    # NOTE: on this host the HTCondor command-line tools run, not the htcondor2
-    # Python bindings, and this route has no test: the test pool is in a container.
 
     def __init__(self, host: SubmitHost | None, ssh_command: Sequence[str] = ("ssh",)) -> None:
         self.label = str(host) if host is not None else "this host"
         self._ssh = None
+        self.bindings = None
         if host is not None:
             self._ssh = SshConnection(host.host, host.user, host.port, ssh_command)
+        else:
+            self.bindings = load_bindings()
 
     def run(self, argv: Sequence[Argument], stdin: bytes | None = None) -> subprocess.CompletedProcess:
         """Run `argv`; raise CondorError if it cannot start or if ssh fails."""
@@ -475,14 +476,50 @@ class SubmitNode:
             self._ssh = None
 
 
+def load_bindings():
+    """Return the htcondor2 module (HTCondor's Python bindings), or None when it cannot be imported."""
+    try:
+        import htcondor2
+    except ImportError as exc:
+        logger.info("cannot import htcondor2 (%s): using condor_submit and condor_rm", exc)
+        return None
+    return htcondor2
+
+
 def _check(result: subprocess.CompletedProcess, action: str) -> subprocess.CompletedProcess:
     if result.returncode != 0:
-        detail = last_line(result.stderr) or last_line(result.stdout) or f"exit status {result.returncode}"
-        raise CondorError(f"{action} failed: {detail}")
+        raise CondorError(f"{action} failed: {_detail(result)}")
     return result
 
 
+def _detail(result: subprocess.CompletedProcess) -> str:
+    return last_line(result.stderr) or last_line(result.stdout) or f"exit status {result.returncode}"
+
+
 # Submitting and removing.
+#
+# On this host the htcondor2 bindings talk to the schedd when they can be
+# imported. On a node reached with ssh, and without the bindings, the
+# condor_submit and condor_rm tools run on the node. Either way the result is
+# the same job id, and a failure is the same CondorError.
+
+# What HTCondor 23.9 reports when it finds no schedd on the node: condor_submit
+# "ERROR: Can't find address of local schedd", condor_rm "Can't find address
+# for schedd NAME" when the schedd is stopped and "condor_rm: (null)" when no
+# collector answers either, htcondor2 RuntimeError "Unable to locate local daemon.".
+_NO_SCHEDD = ("Can't find address", "condor_rm: (null)", "Unable to locate local daemon")
+
+
+def _failure(action: str, label: str, detail: str) -> CondorError:
+    """Return the CondorError for `action` on the node, with a detail from the tool or the bindings."""
+    if any(text in detail for text in _NO_SCHEDD):
+        detail = "no HTCondor schedd found: check that HTCondor runs there (condor_status -schedd)"
+    return CondorError(f"{action} on {label} failed: {detail}")
+
+
+def _bindings_errors(bindings) -> tuple[type[Exception], ...]:
+    # htcondor2 23.9 raises RuntimeError and ValueError; later versions add HTCondorException.
+    return (RuntimeError, ValueError, getattr(bindings, "HTCondorException", RuntimeError))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,11 +540,10 @@ def submit_job(node: SubmitNode, request: JobRequest, plan: StagingPlan, job_dir
     submit_path = f"{absolute_dir}/{SUBMIT_FILE}"
     _check(node.run(["sh", "-c", 'cat > "$1"', "sh", submit_path], stdin=description.encode()), f"writing {submit_path} on {node.label}")
 
-    result = _check(
-        node.run(["sh", "-c", 'cd "$1" && exec condor_submit -terse "$2"', "sh", absolute_dir, SUBMIT_FILE]),
-        f"condor_submit on {node.label}",
-    )
-    job_id = _parse_terse(result.stdout)
+    if node.bindings is not None:
+        job_id = _submit_with_bindings(node.bindings, description, absolute_dir, node.label)
+    else:
+        job_id = _submit_with_tools(node, absolute_dir)
     logger.info("submitted job %s on %s from %s", job_id, node.label, absolute_dir)
     return SubmittedJob(job_id, absolute_dir)
 
@@ -549,6 +585,14 @@ def _upload(node: SubmitNode, files: Sequence[StagedFile], directory: str) -> No
     logger.info("copied %d files to %s on %s", len(files), directory, node.label)
 
 
+def _submit_with_tools(node: SubmitNode, job_dir: str) -> str:
+    """Submit `job_dir`/job.sub with condor_submit, run in `job_dir`; return the job id."""
+    result = node.run(["sh", "-c", 'cd "$1" && exec condor_submit -terse "$2"', "sh", job_dir, SUBMIT_FILE])
+    if result.returncode != 0:
+        raise _failure("submitting the job", node.label, _detail(result))
+    return _parse_terse(result.stdout)
+
+
 def _parse_terse(stdout: bytes) -> str:
     # condor_submit -terse prints "FIRST - LAST", such as "42.0 - 42.0".
     first = stdout.decode("utf-8", "replace").strip().split(" ")[0]
@@ -557,8 +601,55 @@ def _parse_terse(stdout: bytes) -> str:
     return first
 
 
+def _submit_with_bindings(bindings, description: str, job_dir: str, label: str) -> str:
+    """Submit `description` through htcondor2; return the job id."""
+    try:
+        submit = bindings.Submit(description)
+        # The description's relative paths start in job_dir, where condor_submit
+        # would run. The bindings start them in initialdir, which defaults to
+        # this process's working directory.
+        if not submit.get("initialdir"):
+            submit["initialdir"] = job_dir
+        result = bindings.Schedd().submit(submit)
+    except _bindings_errors(bindings) as exc:
+        raise _failure("submitting the job", label, str(exc)) from exc
+    return f"{result.cluster()}.{result.first_proc()}"
+
+
 def remove_job(node: SubmitNode, job_id: str) -> str:
-    """Remove job `job_id` with condor_rm; return condor_rm's message."""
+    """Remove job `job_id` with htcondor2 or condor_rm; return a message such as "Job 42.0 marked for removal"."""
     check_job_id(job_id)
-    result = _check(node.run(["condor_rm", job_id]), f"condor_rm {job_id} on {node.label}")
+    if node.bindings is not None:
+        return _remove_with_bindings(node.bindings, job_id, node.label)
+    result = node.run(["condor_rm", job_id])
+    if result.returncode != 0:
+        raise _failure(f"removing job {job_id}", node.label, _detail(result))
     return last_line(result.stdout)
+
+
+def _remove_with_bindings(bindings, job_id: str, label: str) -> str:
+    try:
+        # A list is always read as job ids; a string that is not one would be
+        # read as a constraint.
+        outcome = bindings.Schedd().act(bindings.JobAction.Remove, [job_id])
+    except _bindings_errors(bindings) as exc:
+        raise _failure(f"removing job {job_id}", label, str(exc)) from exc
+    if outcome["TotalSuccess"] > 0:
+        # condor_rm 23.9 prints the same line.
+        return f"Job {job_id} marked for removal"
+    raise _failure(f"removing job {job_id}", label, _act_detail(outcome, job_id))
+
+
+def _act_detail(outcome, job_id: str) -> str:
+    """Return why Schedd.act removed nothing, from the counts in its result ClassAd."""
+    if outcome["TotalNotFound"] > 0:
+        # condor_rm 23.9 prints the same line for a job that is not in the queue.
+        return f"Job {job_id} not found"
+    # NOTE: condor_rm's wording for these cases was not compared.
+    if outcome["TotalPermissionDenied"] > 0:
+        return f"permission denied to remove job {job_id}"
+    if outcome["TotalAlreadyDone"] > 0:
+        return f"Job {job_id} is already being removed"
+    if outcome["TotalBadStatus"] > 0:
+        return f"job {job_id} is in a state that cannot be removed"
+    return f"the schedd removed no job (result {dict(outcome)!r})"

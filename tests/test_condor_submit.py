@@ -1,8 +1,11 @@
 """`sandboxfs condor submit` and `condor rm` against a real HTCondor pool.
 
 The pool runs in the trixie test container (`trixie_condor_host`). Commands
-run as alice through ssh, as a user would run them with `--submit-host`. The
-file checks read the job's scratch directory with `condor_ssh_to_job`.
+run as alice through ssh, as a user would run them with `--submit-host`, or
+inside the container with `--local`, where sandboxfs runs as
+`python3 -m sandboxfs`, with HTCondor's htcondor2 bindings or with them
+hidden. The file checks read the job's scratch directory with
+`condor_ssh_to_job`.
 """
 
 from __future__ import annotations
@@ -217,9 +220,87 @@ def test_rm_removes_job(pool, tmp_path, capsys):
 
 
 def test_rm_unknown_job_fails(pool):
-    with pytest.raises(CondorError, match="condor_rm 999999.0") as error:
+    with pytest.raises(CondorError, match="removing job 999999.0 on alice@.* failed: Job 999999.0 not found") as error:
         condor("rm", *pool.route, "999999.0")
     assert "\n" not in str(error.value)
+
+
+# This host as the submit node: --local, run inside the pool's container.
+
+LOCAL_ROUTES = [pytest.param(True, id="bindings"), pytest.param(False, id="tools")]
+# JobSubmitMethod of HTCondor 23.9: 0 for condor_submit, 2 for the Python bindings.
+SUBMIT_METHOD = {True: "2", False: "0"}
+# A configuration under which no HTCondor daemon can be found: the collector
+# address is a closed port on the loopback interface.
+NO_POOL_CONFIG = b"COLLECTOR_HOST = 127.0.0.1:1\nLOCAL_DIR = /tmp/sbxtest-no-pool\nUSE_SHARED_PORT = False\n"
+
+
+def local_condor(pool, *argv: str, bindings: bool, env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `sandboxfs condor ARGV` as alice inside the pool's container."""
+    return pool.host.sandboxfs(["condor", *argv], bindings=bindings, env=env)
+
+
+def write_in_container(pool, directory: str, files: dict[str, bytes]) -> list[str]:
+    pool.host.exec(["mkdir", "-p", directory], user="alice")
+    paths = []
+    for name, content in files.items():
+        path = f"{directory}/{name}"
+        pool.host.exec(["sh", "-c", 'cat > "$1"', "sh", path], user="alice", input=content)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("bindings", LOCAL_ROUTES)
+def test_local_submit_and_rm(pool, bindings):
+    files = {"notes.txt": b"first line\nsecond line\n", "big file.bin": os.urandom(300 * 1024)}
+    paths = write_in_container(pool, f"/home/alice/sbxtest-{uuid.uuid4().hex[:8]}", files)
+
+    submitted = local_condor(pool, "submit", "--local", "--duration", "600", *paths, bindings=bindings)
+    assert submitted.returncode == 0, submitted.stderr.decode(errors="replace")
+    job_id = submitted.stdout.decode().strip()
+    pool.jobs.append(job_id)
+    assert re.fullmatch(r"[0-9]+\.0", job_id)
+    assert f"sandboxfs mount condor://local/{job_id} MOUNTPOINT".encode() in submitted.stderr
+    assert f"sandboxfs condor rm --local {job_id}".encode() in submitted.stderr
+    assert pool.attribute(job_id, "JobSubmitMethod") == SUBMIT_METHOD[bindings]
+
+    pool.wait_running(job_id)
+    for name, content in files.items():
+        assert pool.read_in_job(job_id, name) == content, f"{name} differs in job {job_id}"
+
+    removed = local_condor(pool, "rm", "--local", job_id, bindings=bindings)
+    assert removed.returncode == 0, removed.stderr.decode(errors="replace")
+    assert removed.stderr.decode().strip() == f"Job {job_id} marked for removal"
+    pool.wait_left_queue(job_id, JOB_EXIT_TIMEOUT)
+    assert pool.attribute(job_id, "JobStatus") == "3"
+
+
+def local_errors(pool, bindings: bool) -> list[str]:
+    """Return the stderr of `rm` of an unknown job, then of `submit` and `rm` with no pool."""
+    [path] = write_in_container(pool, f"/home/alice/sbxtest-{uuid.uuid4().hex[:8]}", {"f.txt": b"f"})
+    no_pool = ("CONDOR_CONFIG=/tmp/sbxtest-no-pool.config",)
+    results = [
+        local_condor(pool, "rm", "--local", "999999.0", bindings=bindings),
+        local_condor(pool, "submit", "--local", path, bindings=bindings, env=no_pool),
+        local_condor(pool, "rm", "--local", "1.0", bindings=bindings, env=no_pool),
+    ]
+    for result in results:
+        assert result.returncode == 1, result.stdout
+    return [result.stderr.decode(errors="replace") for result in results]
+
+
+def test_local_errors_match_across_routes(pool):
+    pool.host.exec(["sh", "-c", 'cat > "$1"', "sh", "/tmp/sbxtest-no-pool.config"], input=NO_POOL_CONFIG)
+
+    with_bindings = local_errors(pool, bindings=True)
+    with_tools = local_errors(pool, bindings=False)
+
+    assert with_bindings == with_tools
+    unknown, submit, remove = with_bindings
+    assert unknown == "sandboxfs: error: removing job 999999.0 on this host failed: Job 999999.0 not found\n"
+    no_schedd = "failed: no HTCondor schedd found: check that HTCondor runs there (condor_status -schedd)\n"
+    assert submit == f"sandboxfs: error: submitting the job on this host {no_schedd}"
+    assert remove == f"sandboxfs: error: removing job 1.0 on this host {no_schedd}"
 
 
 # Input checks.

@@ -3,16 +3,19 @@ the subdirectory form, the shell fallback through condor_ssh_to_job, and
 sources that must be rejected before anything runs.
 
 The pool is the personal pool of `trixie_condor_host`; jobs are submitted as
-alice, and mounts reach them through ssh as alice.
+alice, and mounts reach them through ssh as alice. The `condor://local/...`
+tests run sandboxfs as alice inside the pool's container, the submit node.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shlex
 import subprocess
 import tempfile
 import time
+import uuid
 
 import pytest
 import trio
@@ -279,3 +282,78 @@ def test_shell_fallback_round_trips_hostile_names(trixie_condor_host, jobs):
     for name in names:
         assert name in listed
     assert trixie_condor_host.exec(["test", "-e", f"{scratch}/pwned"], check=False).returncode != 0
+
+
+# This host as the submit node: condor://local/..., run inside the pool's container.
+
+
+@pytest.fixture
+def local_mountpoint(trixie_condor_host):
+    """A mount point in alice's home directory in the container; unmounted afterwards if still mounted."""
+    path = f"/home/alice/sbxtest-mnt-{uuid.uuid4().hex[:8]}"
+    trixie_condor_host.exec(["mkdir", path], user="alice")
+    yield path
+    trixie_condor_host.exec(["fusermount3", "-u", "-z", path], user="alice", check=False)
+    trixie_condor_host.exec(["rmdir", path], user="alice", check=False)
+
+
+def read_in_job(host, job: str, name: str) -> subprocess.CompletedProcess:
+    # ssh's login shell and the job side's eval each remove one layer of quotes.
+    return host.ssh(f"condor_ssh_to_job {job} cat {shlex.quote(shlex.quote(name))}", user="alice", check=False)
+
+
+def mounted_in_container(host, path: str) -> bool:
+    mounts = host.exec(["cat", "/proc/self/mounts"]).stdout.decode()
+    return any(line.split()[1] == path for line in mounts.splitlines())
+
+
+def test_local_mount_file_operations(trixie_condor_host, jobs, local_mountpoint):
+    host, mnt = trixie_condor_host, local_mountpoint
+    job = jobs()
+    scratch = wait_for_condor_job(host, job)
+    host.exec(["sh", "-c", 'printf "from the job" > "$1/job file.txt"', "sh", scratch], user="alice")
+
+    mounted = host.sandboxfs(["mount", f"condor://local/{job}", mnt])
+    assert mounted.returncode == 0, mounted.stderr.decode(errors="replace")
+    assert mounted_in_container(host, mnt)
+
+    host.exec(["sh", "-c", 'printf "through the mount" > "$1/new file.txt"', "sh", mnt], user="alice")
+    in_job = read_in_job(host, job, "new file.txt")
+    assert in_job.returncode == 0, in_job.stderr
+    assert in_job.stdout == b"through the mount"
+    assert host.exec(["cat", f"{mnt}/new file.txt"], user="alice").stdout == b"through the mount"
+    assert host.exec(["cat", f"{mnt}/job file.txt"], user="alice").stdout == b"from the job"
+
+    listing = host.exec(["ls", "-A", mnt], user="alice").stdout.decode().splitlines()
+    assert "new file.txt" in listing
+    assert "job file.txt" in listing
+    assert ".job.ad" in listing
+
+    host.exec(["rm", f"{mnt}/new file.txt"], user="alice")
+    assert read_in_job(host, job, "new file.txt").returncode != 0
+    assert "new file.txt" not in host.exec(["ls", "-A", scratch]).stdout.decode().splitlines()
+
+    started = time.monotonic()
+    unmounted = host.sandboxfs(["umount", mnt])
+    assert unmounted.returncode == 0, unmounted.stderr.decode(errors="replace")
+    assert time.monotonic() - started < 10
+    assert not mounted_in_container(host, mnt)
+    assert mnt not in host.sandboxfs(["list"]).stdout.decode()
+
+
+def test_local_suspended_job_one_line_error(trixie_condor_host, jobs, local_mountpoint):
+    host = trixie_condor_host
+    job = jobs()
+    wait_for_condor_job(host, job)
+    host.ssh(f"condor_suspend {job}", user="alice")
+    deadline = time.monotonic() + 60
+    while condor_job_status(host, job) != "7":
+        assert time.monotonic() < deadline, f"job {job} was not suspended within 60 s"
+        time.sleep(0.2)
+
+    result = host.sandboxfs(["mount", f"condor://local/{job}", local_mountpoint])
+
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == [f"sandboxfs: error: HTCondor job {job} is suspended: mount it once it runs again"]
+    assert not mounted_in_container(host, local_mountpoint)

@@ -27,6 +27,13 @@ import pytest
 logger = logging.getLogger(__name__)
 
 IMAGE = os.environ.get("SANDBOXFS_TEST_TRIXIE_IMAGE", "sandboxfs-test/trixie:latest")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository's sandboxfs package is bind-mounted read-only here, so that
+# `python3 -m sandboxfs` runs the working tree's code with the image's Python.
+SANDBOXFS_PATH = "/opt/sandboxfs"
+# A directory whose htcondor2.py raises ImportError: first on PYTHONPATH, it
+# hides HTCondor's Python bindings from sandboxfs.
+NO_BINDINGS_PATH = "/opt/sandboxfs-no-bindings"
 HOST_ALIAS = "sbxtest-trixie"
 INIT_COMMAND = "/usr/local/sbin/sandboxfs-testbed-init"
 READY_MARKER = "/run/sandboxfs-testbed-ready"
@@ -44,7 +51,7 @@ READY_POLL_INTERVAL = 0.2
 # Apptainer, running as root, mounts a SIF image's squashfs through a loop
 # device (block major 7). The loop devices are the host's, the init script makes
 # their nodes in the container's /dev, and each one detaches when the instance's
-# mount is gone.
+# mount is gone. /dev/fuse lets sandboxfs mount inside the container.
 CONTAINER_FLAGS = (
     "--network",
     "host",
@@ -58,6 +65,8 @@ CONTAINER_FLAGS = (
     "/dev/loop-control",
     "--device-cgroup-rule",
     "b 7:* rwm",
+    "--device",
+    "/dev/fuse",
 )
 
 
@@ -153,6 +162,23 @@ class TrixieHost:
         self.exec(["apptainer", "instance", "stop", name])
         logger.info("stopped Apptainer instance %s in %s", name, self.name)
 
+    def sandboxfs(
+        self, argv: Sequence[str], user: str = "alice", bindings: bool = True, env: Sequence[str] = ()
+    ) -> subprocess.CompletedProcess:
+        """Run `python3 -m sandboxfs ARGV` in the container as `user`, in its home directory.
+
+        With bindings False, htcondor2 cannot be imported. Each `env` item is
+        a NAME=VALUE for the command's environment. The result's output is bytes.
+        """
+        path = SANDBOXFS_PATH
+        if not bindings:
+            self.exec(["sh", "-c", 'mkdir -p "$1" && echo "raise ImportError(\'hidden by the test\')" > "$1/htcondor2.py"',
+                       "sh", NO_BINDINGS_PATH])
+            path = f"{NO_BINDINGS_PATH}:{SANDBOXFS_PATH}"
+        variables = [f"PYTHONPATH={path}", *env]
+        return self.exec(["sh", "-c", 'cd && exec env "$@"', "sh", *variables, "python3", "-m", "sandboxfs", *argv],
+                         user=user, check=False)
+
     def logs(self) -> str:
         result = docker("logs", self.name, check=False)
         return (result.stdout + result.stderr).decode(errors="replace")
@@ -162,7 +188,8 @@ def run_container(name: str, ssh_port: int, public_key: str, condor_port: int | 
     env = ["-e", f"SSH_PORT={ssh_port}", "-e", f"AUTHORIZED_KEY={public_key}"]
     if condor_port is not None:
         env += ["-e", "START_CONDOR=1", "-e", f"CONDOR_PORT={condor_port}"]
-    result = docker("run", "-d", "--name", name, *CONTAINER_FLAGS, *env, IMAGE, INIT_COMMAND, check=False)
+    source = ["--volume", f"{REPO}/sandboxfs:{SANDBOXFS_PATH}/sandboxfs:ro"]
+    result = docker("run", "-d", "--name", name, *CONTAINER_FLAGS, *source, *env, IMAGE, INIT_COMMAND, check=False)
     if result.returncode != 0:
         pytest.fail(
             f"could not start a container from {IMAGE}: {result.stderr.decode(errors='replace').strip()} "

@@ -31,9 +31,9 @@ whose execution environment is not ready yet.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
+import subprocess
 from collections.abc import Sequence
 
 import trio
@@ -84,12 +84,13 @@ _PROBE_SCRIPT = (
     'if "$1" -I -c "" >/dev/null 2>&1; then echo python; else echo shell; fi'
 )
 
-# Returns once the job's own processes have exited: exit status 0. The
-# starter keeps a job whose program has exited in the running state while an
-# ssh session into it stays open, so the agent's session would keep the job
-# from ending. The interval is in seconds.
+# Prints _WATCH_STARTED, then returns once the job's own processes have
+# exited: exit status 0. The starter keeps a job whose program has exited in
+# the running state while an ssh session into it stays open, so the agent's
+# session would keep the job from ending. The interval is in seconds.
+_WATCH_STARTED = b"watching"
 _WATCH_SCRIPT = (
-    'pid=${_CONDOR_JOB_PIDS%% *}; [ -n "$pid" ] || exit 3; '
+    'pid=${_CONDOR_JOB_PIDS%% *}; [ -n "$pid" ] || exit 3; echo watching; '
     'while kill -0 "$pid" 2>/dev/null; do sleep 2; done'
 )
 
@@ -214,7 +215,8 @@ async def _connect_route(nursery, route, root, has_python, python, timeout, on_c
             python=python, timeout=timeout, diagnose=diagnose,
             name=f"agent in HTCondor job {route.job}{route.where}", on_close=close,
         )
-        nursery.start_soon(_close_when_job_ends, route, backend, watch_scope)
+        # The watch's session starts before the mount, for the reason given at _close_when_job_ends.
+        await nursery.start(_close_when_job_ends, route, backend, watch_scope, timeout)
         logger.info("connected to HTCondor job %s%s, root %r, through the agent", route.job, route.where, root)
         return backend
 
@@ -222,21 +224,71 @@ async def _connect_route(nursery, route, root, has_python, python, timeout, on_c
     return await connect_shell(route.to_job, root, diagnose, timeout, on_close)
 
 
-async def _close_when_job_ends(route: _Route, backend: Backend, scope: trio.CancelScope) -> None:
+async def _close_when_job_ends(
+    route: _Route, backend: Backend, scope: trio.CancelScope, timeout: float, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     """Close `backend` once the job's processes have exited, so its session ends too.
 
-    Later calls then fail with `unavailable`.
+    Later calls then fail with `unavailable`. Reports started once the watch
+    runs in the job. When the job runs on this host (a personal pool), the
+    starter gives each condor_ssh_to_job session its own copy of the mount
+    namespace. A session that starts after the FUSE mount keeps a copy of it,
+    so the kernel would not end the FUSE connection at unmount, and sandboxfs
+    would never see the unmount.
     """
+    # A session started later, by a reconnect, holds such a copy too; the
+    # mount server then ends itself once its own namespace has lost the mount.
     with scope:
-        status, _, stderr = await _run_in_job(route, ["sh", "-c", _WATCH_SCRIPT])
-        if status != 0:
-            logger.warning(
-                "failed to watch HTCondor job %s%s for its end (exit status %d: %s), so the job will not "
-                "finish while it is mounted", route.job, route.where, status, last_line(stderr),
-            )
-            return
-        logger.info("HTCondor job %s%s has ended: closing its agent", route.job, route.where)
-        await backend.aclose()
+        process = await trio.lowlevel.open_process(
+            route.to_job.argv(["sh", "-c", _WATCH_SCRIPT]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            first_line = b""
+            with trio.move_on_after(timeout):
+                first_line = await _read_line(process.stdout)
+            task_status.started()
+            if first_line == _WATCH_STARTED and await process.wait() == 0:
+                logger.info("HTCondor job %s%s has ended: closing its agent", route.job, route.where)
+                await backend.aclose()
+                return
+        finally:
+            with trio.CancelScope(shield=True):
+                await _end_process(process)
+        stderr = await _read_all(process.stderr)
+        logger.warning(
+            "failed to watch HTCondor job %s%s for its end (exit status %s: %s), so the job will not "
+            "finish while it is mounted", route.job, route.where, process.returncode, last_line(stderr),
+        )
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    """Return the first line of `stream` without its newline; b"" if it ends first."""
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some()
+        if not chunk:
+            return b""
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    while chunk := await stream.receive_some():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _end_process(process: trio.Process) -> None:
+    """SIGTERM `process` unless it has exited, then reap it; SIGKILL after 5 s."""
+    if process.returncode is None:
+        process.terminate()
+    with trio.move_on_after(5):
+        await process.wait()
+        return
+    process.kill()
+    await process.wait()
 
 
 # The job's state, from the submit node.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the root filesystem of the trixie test image. It is Debian trixie with
-# sshd, HTCondor 23.9.6 (minicondor, a personal pool), Apptainer 1.4.5 from sid and
-# user alice (uid 1000). Two SIF images are in /opt/sif: python.sif (trixie minbase
+# sshd, HTCondor 23.9.6 (minicondor, a personal pool, with its htcondor2 Python
+# bindings), Apptainer 1.4.5 from sid, fuse3 with python3-pyfuse3 and python3-trio
+# (so that sandboxfs runs on the submit node as `python3 -m sandboxfs`) and user
+# alice (uid 1000). Two SIF images are in /opt/sif: python.sif (trixie minbase
 # with python3) and busybox.sif (busybox only, no python3). Both have a /workspace
 # directory with mode 0777. Apptainer 1.4.5 and HTCondor 23.9.6 need glibc 2.38 or
 # newer, which Debian 12 hosts lack, so they run in this image.
@@ -21,8 +23,9 @@ SUITE=trixie
 APPTAINER_SUITE=sid
 VARIANT=minbase
 INCLUDE=python3
+# Debian's condor package ships the htcondor2 bindings; trixie has no python3-htcondor.
 PACKAGES=(openssh-server openssh-client busybox-static squashfs-tools procps iproute2
-    ca-certificates sudo minicondor)
+    ca-certificates sudo minicondor fuse3 python3-pyfuse3 python3-trio)
 APPTAINER_PACKAGE=apptainer
 DEFAULT_MIRROR=http://deb.debian.org/debian
 FILES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/trixie" && pwd)
@@ -104,7 +107,10 @@ install_packages() {
         die "installing ${PACKAGES[*]} from $SUITE failed"
     in_root apt-get install -q -y --no-install-recommends "$APPTAINER_PACKAGE" ||
         die "installing $APPTAINER_PACKAGE from $APPTAINER_SUITE failed"
-    log "installed $(in_root dpkg-query -W -f='${Package} ${Version}, ' libc6 "$APPTAINER_PACKAGE" minicondor)"
+    log "installed $(in_root dpkg-query -W -f='${Package} ${Version}, ' libc6 "$APPTAINER_PACKAGE" minicondor \
+        python3-pyfuse3 python3-trio)"
+    in_root python3 -c 'import htcondor2, pyfuse3, trio' ||
+        die "python3 in the trixie root cannot import htcondor2, pyfuse3 and trio"
 }
 
 # With `root default capabilities = full`, Apptainer 1.4.5 run as root in a Docker
