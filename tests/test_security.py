@@ -303,14 +303,6 @@ def test_symlink_chain_leaving_root_is_not_followed(workdir):
         workdir.sandbox.run('rm -rf -- "$1"', outside_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the core passes whole path strings to the backend, and the sandbox resolves a directory "
-        "that became a symlink while the kernel still caches it as a directory (for the entry "
-        "timeout), so a name below it reaches the symlink's target outside the root"
-    ),
-)
 def test_directory_replaced_by_symlink_is_not_followed(workdir):
     outside_dir = outside_directory(workdir)
     workdir.sandbox.run('mkdir -p -- "$1" && printf outside > "$1/secret"', outside_dir)

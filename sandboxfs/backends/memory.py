@@ -203,6 +203,9 @@ class _Tree:
         self._next_ino = 1
         self.root = self.new(_Directory, stat_module.S_IFDIR | 0o755, Identity(0, 0))
         self.root.parent = self.root
+        # The mount root's components: below it a path must not pass through
+        # a symlink, as the agent checks.
+        self.mount_root: list[str] = []
 
     def new(self, kind: type, mode: int, owner: Identity, **fields) -> _Node:
         now = self.clock.now()
@@ -232,6 +235,8 @@ class _Tree:
         trailing_slash = path.endswith("/")
         directory = self.root
         hops = 0
+        consumed = 0
+        below_root = pending[::-1][: len(self.mount_root)] == self.mount_root
         if not pending:
             return _Entry(directory, "/", directory, trailing_slash)
 
@@ -239,6 +244,9 @@ class _Tree:
             name = pending.pop()
             last = not pending
             node = self._child(directory, name, path)
+            consumed += 1
+            if isinstance(node, _Symlink) and not last and hops == 0 and below_root and consumed > len(self.mount_root):
+                raise _fail(errno.ENOTDIR, path)
             if isinstance(node, _Symlink) and (not last or follow or (trailing_slash and follow_slash)):
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
@@ -394,6 +402,7 @@ class MemoryBackend(Backend):
         self._tree = _Tree(_Clock())
         self.root = "/" + root.strip("/") if root.strip("/") else "/"
         self._make_root(self.root)
+        self._tree.mount_root = _components(self.root)[::-1]
 
     def _make_root(self, root: str) -> None:
         directory = self._tree.root

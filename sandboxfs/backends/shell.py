@@ -129,6 +129,22 @@ isdir() { [ -d "$1" ] && ! [ -L "$1" ]; }
 # The kernel decides whether a directory can be searched: busybox's `[ -x ]`
 # is false for root on a directory without x bits, where the kernel allows it.
 searchable() { ( cd -- "$1" ) 2>/dev/null; }
+# Exits with ENOTDIR when a directory of $1 below the mount root $R is a
+# symlink: the kernel never sends a path through one, so the sandbox replaced
+# a directory the kernel still has cached, and the path could lead out of
+# the root. A check before the operation, as in the agent.
+nolinks() {
+  case $1 in "$R"/*) ;; *) return 0 ;; esac
+  p=$R
+  r=${1#"$R"/}
+  r=${r%/}
+  while :; do
+    case $r in */*) ;; *) return 0 ;; esac
+    p=$p/${r%%/*}
+    r=${r#*/}
+    ! [ -L "$p" ] || exit $ENOTDIR
+  done
+}
 st() { stat -c '"""
     + _STAT_FORMAT
     + r"""' "$@"; }
@@ -485,14 +501,20 @@ class ShellBackend(Backend):
         self._closed = True
 
     async def _call(
-        self, script: str, *args: str, path: str, stdin: bytes | None = None
+        self, script: str, *args: str, path: str, stdin: bytes | None = None, also: tuple[str, ...] = ()
     ) -> bytes:
-        """Run `script` with `args` as $1...; return stdout or raise BackendError."""
+        """Run `script` with `args` as $1...; return stdout or raise BackendError.
+
+        `path` and the paths in `also` are checked first for a symlink below
+        the root (see `nolinks`); `path` also labels the errors.
+        """
         if self._closed:
             raise BackendError("unavailable", path, "the backend is closed")
 
-        argv = ["sh", "-c", _PRELUDE + script, "sh"]
-        argv.extend(encode_argument(arg) for arg in args)
+        checked = (path, *also)
+        guard = 'R=${1%/}; shift\n' + 'nolinks "$1"; shift\n' * len(checked)
+        argv = ["sh", "-c", _PRELUDE + guard + script, "sh"]
+        argv.extend(encode_argument(arg) for arg in (self.root, *checked, *args))
         with trio.move_on_after(self.timeout) as scope:
             async with self._limiter:
                 try:
@@ -517,8 +539,8 @@ class ShellBackend(Backend):
             logger.debug("exit status %d, stderr %r", status, message)
         return BackendError(code, path, message)
 
-    async def _call_stat(self, script: str, *args: str, path: str) -> Stat:
-        output = await self._call(script, *args, path=path)
+    async def _call_stat(self, script: str, *args: str, path: str, also: tuple[str, ...] = ()) -> Stat:
+        output = await self._call(script, *args, path=path, also=also)
         return parse_stat_line(output.strip())
 
     # Metadata.
@@ -606,13 +628,13 @@ class ShellBackend(Backend):
         await self._call(_RMDIR, path, path=path)
 
     async def rename(self, old: str, new: str, noreplace: bool = False) -> None:
-        await self._call(_RENAME, old, new, "1" if noreplace else "0", path=old)
+        await self._call(_RENAME, old, new, "1" if noreplace else "0", path=old, also=(new,))
 
     async def symlink(self, target: str, path: str) -> Stat:
         return await self._call_stat(_SYMLINK, target, path, path=path)
 
     async def link(self, existing: str, new: str) -> Stat:
-        return await self._call_stat(_LINK, existing, new, path=new)
+        return await self._call_stat(_LINK, existing, new, path=new, also=(existing,))
 
     # Attributes.
 

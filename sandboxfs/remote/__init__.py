@@ -93,7 +93,7 @@ async def connect(
             raise ConnectError(f"{root_label} {root!r} is not an absolute path")
         channel.send_raw(bootstrap_input())
         nursery.start_soon(channel.serve)
-        await _say_hello(backend)
+        await _say_hello(backend, root)
         await _check_root(backend, root, root_label)
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -110,9 +110,9 @@ async def connect(
     return backend
 
 
-async def _say_hello(backend: AgentBackend) -> None:
+async def _say_hello(backend: AgentBackend, root: str) -> None:
     try:
-        await backend.hello()
+        await backend.hello(root)
     except BackendError as exc:
         raise ConnectError(
             f"the sandboxfs agent did not start ({exc}): "

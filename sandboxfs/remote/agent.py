@@ -118,6 +118,39 @@ class RequestError(Exception):
 # Argument checks. Each returns the value or raises RequestError.
 
 
+# The mount's root, as bytes, once hello has named it. Below the root a path
+# never passes through a symlink: the kernel resolves symlinks itself and
+# sends the names of real directories. A symlink there means the sandbox
+# replaced a directory that the kernel still has cached, and following it
+# could lead out of the root, so the request fails with ENOTDIR instead.
+# The check runs before the operation, so a sandbox that swaps the directory
+# in between is not stopped. The operation still runs as the sandbox user,
+# with no access the sandbox does not already have.
+ROOT = [None]
+
+
+def check_no_symlink_below_root(path):
+    root = ROOT[0]
+    if root is None:
+        return
+    if root == b"/":
+        current, rest = b"", path[1:]
+    elif path.startswith(root + b"/"):
+        current, rest = root, path[len(root) + 1 :]
+    else:
+        return
+    # A trailing slash names the last component, not a directory below it.
+    for part in rest.rstrip(b"/").split(b"/")[:-1]:
+        current += b"/" + part
+        try:
+            is_link = stat.S_ISLNK(os.lstat(current).st_mode)
+        except OSError:
+            return  # the operation itself reports a missing or closed directory
+        if is_link:
+            name = current.decode("utf-8", "surrogateescape")
+            raise RequestError("not_a_directory", "%r is a symlink, not a directory" % name)
+
+
 def arg_path(args, name="path"):
     value = args.get(name)
     if not isinstance(value, str):
@@ -130,6 +163,7 @@ def arg_path(args, name="path"):
         raise RequestError("invalid_path", "%s must be absolute: %r" % (name, value))
     if b"\0" in encoded:
         raise RequestError("invalid_path", "%s contains a NUL byte: %r" % (name, value))
+    check_no_symlink_below_root(encoded)
     return encoded
 
 
@@ -242,6 +276,10 @@ def pwrite_all(fd, data, offset):
 
 
 def op_hello(args, payload):
+    if "root" in args:
+        ROOT[0] = None
+        root = arg_path(args, "root").rstrip(b"/") or b"/"
+        ROOT[0] = root
     result = {
         "protocol": PROTOCOL_VERSION,
         "uid": os.geteuid(),

@@ -43,9 +43,13 @@ class AgentBackend(Backend):
         self._on_close = on_close
         self._closed = False
 
-    async def hello(self) -> dict[str, Any]:
-        """Ask the agent who it runs as; set `identity` and `hello_info`."""
-        result, _ = await self.channel.call("hello", {})
+    async def hello(self, root: str | None = None) -> dict[str, Any]:
+        """Ask the agent who it runs as; set `identity` and `hello_info`.
+
+        `root`, when given, is the mount's root: below it the agent refuses
+        paths that pass through a symlink.
+        """
+        result, _ = await self.channel.call("hello", {} if root is None else {"root": root})
         uid = result.get("uid")
         gid = result.get("gid")
         if not _is_int(uid) or not _is_int(gid):
