@@ -9,9 +9,10 @@ place.
 Caveats:
 - One inode stands for one path, so two hard links to a file have two inode
   numbers through the mount (both show the link count).
-- A file that is unlinked while open stays readable through an open handle
-  only where its bytes are staged locally (written through the mount since
-  the last upload); other bytes give ENOENT.
+- A file that is unlinked or replaced through the mount while open stays
+  readable under a hidden hard link until its last handle is closed (see
+  _keep_open_file). Where no link can be made, only its bytes staged locally
+  stay readable, and other bytes give ENOENT.
 - Open files are tracked by path: if a program in the sandbox renames another
   file over that path while the host has it open, the host's pending writes
   go to that other file.
@@ -19,11 +20,13 @@ Caveats:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
 import logging
 import os
+import secrets
 import stat as stat_module
 
 import trio
@@ -38,6 +41,12 @@ from .symlinks import contain_target
 logger = logging.getLogger(__name__)
 
 NAME_MAX = 255
+# Where open files are kept readable after their own name is unlinked or
+# replaced through the mount, and how their hidden names start.
+HIDDEN_DIR = ".sandboxfs-open"
+HIDDEN_PREFIX = ".sandboxfs-open-"
+# Seconds the removal of hidden names may take at exit.
+HIDDEN_CLEANUP_TIMEOUT = 10.0
 
 
 class FsError(Exception):
@@ -268,8 +277,17 @@ class FilesystemCore:
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         parent = self.node(parent_ino)
-        await self.backend.unlink(self.child_path(parent, name))
+        path = self.child_path(parent, name)
+        node = self.table.child(parent, name)
+        hidden = await self._keep_open_file(node, path)
+        try:
+            await self.backend.unlink(path)
+        except BaseException:
+            await self._remove_hidden(hidden)
+            raise
         self.table.detach(parent, name)
+        if hidden is not None:
+            node.hidden_path = hidden
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self.node(parent_ino)
@@ -281,12 +299,69 @@ class FilesystemCore:
         new_parent = self.node(new_parent_ino)
         old_path = self.child_path(old_parent, old_name)
         new_path = self.child_path(new_parent, new_name)
-        await self.backend.rename(old_path, new_path, noreplace=noreplace)
+        replaced = self.table.child(new_parent, new_name)
+        hidden = None if noreplace else await self._keep_open_file(replaced, new_path)
+        try:
+            await self.backend.rename(old_path, new_path, noreplace=noreplace)
+        except BaseException:
+            await self._remove_hidden(hidden)
+            raise
         self.table.move(old_parent, old_name, new_parent, new_name)
+        if hidden is not None:
+            replaced.hidden_path = hidden
         moved = self.table.child(new_parent, new_name)
         if moved is not None:
             # rename(2) changes the ctime.
             self._forget_attr(moved)
+
+    async def _keep_open_file(self, node: Node | None, path: str) -> str | None:
+        """Give an open file that is about to lose its name a hidden second name.
+
+        Its open handles then go on reading it there, as they would on a local
+        filesystem, until the last one is closed; NFS clients keep such files
+        as .nfsXXXX. The hidden name is in HIDDEN_DIR at the mount root, so
+        that the file's own directory can still be removed, or beside the
+        file where the root is not writable. Returns the hidden path, or None
+        when the file is not open or no hard link can be made; reads of bytes
+        not staged on the host then fail with ENOENT.
+        """
+        if node is None or node.open_count == 0 or node.hidden_path is not None:
+            return None
+        name = f"{HIDDEN_PREFIX}{secrets.token_hex(8)}"
+        hidden_dir = _join(self.backend.root, HIDDEN_DIR)
+        try:
+            await self.backend.mkdir(hidden_dir, 0o700)
+        except BackendError as exc:
+            if exc.code != "already_exists":
+                logger.debug("cannot make %r: %s", hidden_dir, exc)
+        for directory in (hidden_dir, path.rsplit("/", 1)[0] or "/"):
+            hidden = _join(directory, name)
+            try:
+                await self.backend.link(path, hidden)
+            except BackendError as exc:
+                logger.debug("cannot link %r to %r: %s", path, hidden, exc)
+                continue
+            return hidden
+        logger.info("could not keep open file %r under a hidden name; reads through its handles may fail", path)
+        with contextlib.suppress(BackendError):
+            await self.backend.rmdir(hidden_dir)
+        return None
+
+    async def _remove_hidden(self, hidden: str | None) -> None:
+        if hidden is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.backend.unlink(hidden)
+            except BackendError as exc:
+                logger.warning("could not remove %r, which kept an open file readable: %s", hidden, exc)
+                return
+            hidden_dir = _join(self.backend.root, HIDDEN_DIR)
+            if hidden.startswith(hidden_dir + "/"):
+                try:
+                    await self.backend.rmdir(hidden_dir)
+                except BackendError:
+                    pass  # another open file still has a hidden name there
 
     # Files.
 
@@ -360,9 +435,9 @@ class FilesystemCore:
         if staged is not None:
             # The staged bytes stay readable after the name is unlinked; only
             # bytes that must come from the sandbox need the path.
-            path = self.table.path(node) if node.detached else self.path(node)
+            path = node.hidden_path or (self.table.path(node) if node.detached else self.path(node))
             return await staged.read(self.backend, path, offset, size)
-        path = self.path(node)
+        path = node.hidden_path or self.path(node)
         return await handle.readahead.read(functools.partial(self.backend.read, path), offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -403,6 +478,9 @@ class FilesystemCore:
             if staged is not None and remaining == 0:
                 staged.close()
                 node.dirty = None
+            if remaining == 0 and node.hidden_path is not None:
+                hidden, node.hidden_path = node.hidden_path, None
+                await self._remove_hidden(hidden)
             self.table.release(node)
 
     async def _upload(self, node: Node, staged: StagedFile) -> None:
@@ -459,6 +537,10 @@ class FilesystemCore:
                 path = self.table.path(node)
                 copy = self._save_recovery(staged, path)
                 logger.error("pending writes to %r were not uploaded before exit; they are kept in %s", path, copy)
+        with trio.move_on_after(HIDDEN_CLEANUP_TIMEOUT):
+            for node in nodes:
+                hidden, node.hidden_path = node.hidden_path, None
+                await self._remove_hidden(hidden)
 
     # Directories.
 

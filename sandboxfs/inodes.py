@@ -28,6 +28,9 @@ class Node:
     # The node's name was unlinked or replaced; operations on it fail with
     # ENOENT, and it stays in the table until the kernel sends FORGET for it.
     detached: bool = False
+    # The hidden name that keeps a detached file readable while it is open
+    # (see FilesystemCore._keep_open_file), None if it has none.
+    hidden_path: str | None = None
     # Cached attributes (a backend Stat) and when they expire (trio time).
     attr: object = None
     attr_expiry: float = 0.0

@@ -179,13 +179,6 @@ def test_reader_sees_whole_versions_during_replace(workdir, tmp_path):
     assert workdir.sandbox.read(f"{workdir.inside}/config") == last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the core reads an open file by its path, so once another file is renamed over that "
-        "path, reads of the open handle fail with ENOENT instead of returning the old content"
-    ),
-)
 def test_open_handle_reads_old_content_after_replace(workdir):
     path = os.path.join(workdir.mnt, "config")
     with open(path, "wb") as file:

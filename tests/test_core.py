@@ -17,7 +17,7 @@ import trio.testing
 
 from sandboxfs.backend import BackendError, Identity
 from sandboxfs.backends.memory import MemoryBackend
-from sandboxfs.core import Changes, FilesystemCore, FsError
+from sandboxfs.core import HIDDEN_DIR, Changes, FilesystemCore, FsError
 from sandboxfs.inodes import ROOT_INODE
 from sandboxfs.options import MountOptions
 
@@ -952,5 +952,74 @@ def test_opendir_lists_entries_and_keeps_node(tmp_path):
         assert core.table.get(directory.ino) is directory
         core.releasedir(fh)
         assert core.table.get(directory.ino) is None
+
+    run(check)
+
+
+# Open files that lose their name through the mount.
+
+
+async def list_names(core: FilesystemCore, path: str) -> list[str]:
+    return sorted(name for name, _ in await core.backend.list_dir(path))
+
+
+def test_unlinked_open_file_stays_readable_until_closed(tmp_path):
+    core = make_core(tmp_path)
+
+    async def check():
+        await put(core, "log", b"old content")
+        fh = await open_file(core, "log", os.O_RDONLY)
+        await core.unlink(ROOT_INODE, "log")
+        assert await core.read(fh, 0, 100) == b"old content"
+        assert await list_names(core, ROOT) == [HIDDEN_DIR]
+        assert len(await list_names(core, f"{ROOT}/{HIDDEN_DIR}")) == 1
+        await core.release(fh)
+        assert await list_names(core, ROOT) == []
+
+    run(check)
+
+
+def test_open_file_replaced_by_rename_reads_old_content(tmp_path):
+    core = make_core(tmp_path)
+
+    async def check():
+        await put(core, "config", b"old content")
+        await put(core, "config.tmp", b"new content, longer")
+        fh = await open_file(core, "config", os.O_RDONLY)
+        await core.rename(ROOT_INODE, "config.tmp", ROOT_INODE, "config", noreplace=False)
+        assert await core.read(fh, 0, 100) == b"old content"
+        assert await sandbox_bytes(core, "config") == b"new content, longer"
+        await core.release(fh)
+        assert await list_names(core, ROOT) == ["config"]
+
+    run(check)
+
+
+def test_without_hard_links_unlinked_open_file_reads_enoent(tmp_path):
+    core = make_core(tmp_path)
+
+    async def check():
+        await put(core, "log", b"old content")
+        fh = await open_file(core, "log", os.O_RDONLY)
+        core.backend.fail("link", "not_permitted", times=2)
+        await core.unlink(ROOT_INODE, "log")
+        assert await fs_errno(core.read, fh, 0, 100) == errno.ENOENT
+        await core.release(fh)
+        assert await list_names(core, ROOT) == []
+
+    run(check)
+
+
+def test_failed_unlink_removes_the_hidden_name(tmp_path):
+    core = make_core(tmp_path)
+
+    async def check():
+        await put(core, "log", b"content")
+        fh = await open_file(core, "log", os.O_RDONLY)
+        core.backend.fail("unlink", "permission_denied")
+        assert await backend_code(core.unlink, ROOT_INODE, "log") == "permission_denied"
+        assert await list_names(core, ROOT) == ["log"]
+        assert await core.read(fh, 0, 100) == b"content"
+        await core.release(fh)
 
     run(check)

@@ -338,7 +338,7 @@ class MountModel(RuleBasedStateMachine):
     @rule(data=st.data(), offset=OFFSETS, size=st.sampled_from([1, 100, 5000, 100_000]))
     def handle_read(self, data, offset, size):
         slot, handle = self.pick_handle(data)
-        if handle.orphan or not handle.readable:
+        if not handle.readable:
             return
         self.both_fds(f"pread(h{slot}, {offset}, {size})", handle, os.pread, size, offset)
 
