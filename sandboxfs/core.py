@@ -41,8 +41,8 @@ from .symlinks import contain_target
 logger = logging.getLogger(__name__)
 
 NAME_MAX = 255
-# Where open files are kept readable after their own name is unlinked or
-# replaced through the mount, and how their hidden names start.
+# The directory and name prefix of the hidden links that keep open files
+# readable after their own name is unlinked or replaced through the mount.
 HIDDEN_DIR = ".sandboxfs-open"
 HIDDEN_PREFIX = ".sandboxfs-open-"
 # Seconds the removal of hidden names may take at exit.
@@ -322,8 +322,8 @@ class FilesystemCore:
         as .nfsXXXX. The hidden name is in HIDDEN_DIR at the mount root, so
         that the file's own directory can still be removed, or beside the
         file where the root is not writable. Returns the hidden path, or None
-        when the file is not open or no hard link can be made; reads of bytes
-        not staged on the host then fail with ENOENT.
+        when the file is not open or no hard link can be made. Without a hidden
+        name, reads of bytes not staged on the host fail with ENOENT.
         """
         if node is None or node.open_count == 0 or node.hidden_path is not None:
             return None
