@@ -17,6 +17,7 @@ from .backend import ConnectError
 from .cli_condor import CondorError, add_condor_commands, run_condor
 from .mount import MountError, mount, mounted, pid_alive, umount
 from .options import MountOptions
+from .recovery import kept_copies
 from .sources import HostCommands, SourceError, parse_source
 
 
@@ -147,8 +148,8 @@ def _list() -> None:
     mounts = mounted()
     if not mounts:
         print("no sandboxfs mounts")
-        return
-    print(f"{'MOUNTPOINT':<32} {'SOURCE':<40} {'PID':>7}  STATUS")
+    else:
+        print(f"{'MOUNTPOINT':<32} {'SOURCE':<40} {'PID':>7}  STATUS")
     for info in mounts:
         if not pid_alive(info.pid):
             status = "broken: its process is gone; run `sandboxfs umount` to clean up"
@@ -156,6 +157,19 @@ def _list() -> None:
             status = info.status
         pid = str(info.pid) if info.pid else "-"
         print(f"{info.mountpoint:<32} {info.source:<40} {pid:>7}  {status}")
+    directories = [MountOptions().recovery_dir] + [info.recovery_dir for info in mounts if info.recovery_dir]
+    for directory in dict.fromkeys(directories):
+        _list_kept(directory)
+
+
+def _list_kept(directory: str) -> None:
+    copies = kept_copies(directory)
+    if not copies:
+        return
+    print(f"\nkept in {directory} after failed uploads (copy each back, then delete it):")
+    for copy in copies:
+        origin = f" from {copy.sandbox_path}" if copy.sandbox_path else ""
+        print(f"  {os.path.basename(copy.path)}  {copy.size} bytes{origin}")
 
 
 def main(argv: list[str] | None = None) -> int:

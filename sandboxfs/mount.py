@@ -85,6 +85,8 @@ class MountInfo:
     log_file: str | None = None
     # "ok", or "broken: ..." once the server found the sandbox unreachable.
     status: str = "ok"
+    # Where the server keeps the data of uploads that failed.
+    recovery_dir: str | None = None
 
 
 def _unescape(field: str) -> str:
@@ -118,6 +120,7 @@ def mounted() -> list[MountInfo]:
                 info.pid = state.get("pid")
                 info.log_file = state.get("log_file")
                 info.status = state.get("status", "ok")
+                info.recovery_dir = state.get("recovery_dir")
             mounts.append(info)
     return mounts
 
@@ -130,7 +133,9 @@ def _read_state(mountpoint: str) -> dict | None:
         return None
 
 
-def _write_state(mountpoint: str, source: Source, log_file: str | None, status: str = "ok") -> None:
+def _write_state(
+    mountpoint: str, source: Source, log_file: str | None, recovery_dir: str, status: str = "ok"
+) -> None:
     path = _state_path(mountpoint)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     state = {
@@ -138,6 +143,7 @@ def _write_state(mountpoint: str, source: Source, log_file: str | None, status: 
         "source": str(source),
         "mountpoint": mountpoint,
         "log_file": log_file,
+        "recovery_dir": recovery_dir,
         "status": status,
     }
     with open(path + ".tmp", "w", encoding="utf-8") as file:
@@ -145,11 +151,11 @@ def _write_state(mountpoint: str, source: Source, log_file: str | None, status: 
     os.replace(path + ".tmp", path)
 
 
-def _update_status(mountpoint: str, source: Source, log_file: str | None, status: str) -> None:
+def _update_status(mountpoint: str, source: Source, log_file: str | None, recovery_dir: str, status: str) -> None:
     # After a lazy unmount the state file may belong to a newer mount.
     state = _read_state(mountpoint)
     if state is None or state.get("pid") == os.getpid():
-        _write_state(mountpoint, source, log_file, status)
+        _write_state(mountpoint, source, log_file, recovery_dir, status)
 
 
 def _remove_state(mountpoint: str) -> None:
@@ -250,8 +256,10 @@ async def serve(source: Source, mountpoint: str, options: MountOptions, on_ready
         # The FUSE connection's device identifies this mount: after a lazy
         # unmount, a newer mount can sit at the same path.
         device = _device_at(mountpoint)
-        _write_state(mountpoint, source, log_file)
-        backend.on_health_change = lambda status: _update_status(mountpoint, source, log_file, status)
+        _write_state(mountpoint, source, log_file, options.recovery_dir)
+        backend.on_health_change = lambda status: _update_status(
+            mountpoint, source, log_file, options.recovery_dir, status
+        )
         logger.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
         on_ready()
         # Set once the FUSE main loop has returned: from then on the session

@@ -96,6 +96,10 @@ def test_failed_upload_gives_eio_and_keeps_data(container, mount_of):
     with open(os.path.join(mount.recovery_dir, kept[0]), "rb") as copy:
         assert copy.read() == data
     assert os.path.join(mount.recovery_dir, kept[0]) in mount.log()
+    # `sandboxfs list` names what waits in the mount's recovery directory.
+    listing = sandboxfs("list").stdout
+    assert f"kept in {mount.recovery_dir}" in listing
+    assert f"{kept[0]}  {len(data)} bytes from /workspace/report.txt" in listing
 
 
 def test_whole_container_root(container, mount_of):

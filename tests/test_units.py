@@ -25,6 +25,7 @@ from sandboxfs.backend import (
 )
 from sandboxfs.backends.local import connect_local
 from sandboxfs.backends.memory import MAX_SYMLINK_HOPS, MemoryBackend
+from sandboxfs.recovery import kept_copies
 from sandboxfs.sources import Source, SourceError, parse_source
 from sandboxfs.staging import RangeSet
 from sandboxfs.symlinks import contain_target
@@ -738,3 +739,18 @@ def test_memory_root_is_owned_by_identity():
         assert (await backend.stat("/")).uid == 0
 
     run(check)
+
+
+# Copies kept in a recovery directory.
+
+
+def test_kept_copies_read_their_notes(tmp_path):
+    (tmp_path / "20260101-120000-a.txt-x1").write_bytes(b"12345")
+    (tmp_path / "20260101-120000-a.txt-x1.source").write_text("sandbox path: /workspace/a.txt\nsize: 5\n")
+    (tmp_path / "20260102-080000-b-x2").write_bytes(b"")
+    copies = kept_copies(str(tmp_path))
+    assert [(c.path.rsplit("/", 1)[1], c.size, c.sandbox_path) for c in copies] == [
+        ("20260101-120000-a.txt-x1", 5, "/workspace/a.txt"),
+        ("20260102-080000-b-x2", 0, ""),
+    ]
+    assert kept_copies(str(tmp_path / "missing")) == []
