@@ -168,7 +168,7 @@ class FilesystemCore:
             # An unlinked file has no path to stat; its open handles see the
             # attributes it had, as fstat(2) on a local filesystem does.
             return node, self.display(node, node.attr)
-        st = await self.backend.stat(self.path(node))
+        st = await self.backend.stat(node.hidden_path or self.path(node))
         return node, self.remember(node, st)
 
     async def setattr(self, ino: int, changes: Changes) -> tuple[Node, Stat]:
@@ -325,7 +325,7 @@ class FilesystemCore:
         when the file is not open or no hard link can be made. Without a hidden
         name, reads of bytes not staged on the host fail with ENOENT.
         """
-        if node is None or node.open_count == 0 or node.hidden_path is not None:
+        if node is None or node.open_count + node.opening == 0 or node.hidden_path is not None:
             return None
         name = f"{HIDDEN_PREFIX}{secrets.token_hex(8)}"
         hidden_dir = _join(self.backend.root, HIDDEN_DIR)
@@ -346,6 +346,12 @@ class FilesystemCore:
         with contextlib.suppress(BackendError):
             await self.backend.rmdir(hidden_dir)
         return None
+
+    async def _drop_hidden_if_unused(self, node: Node) -> None:
+        """Remove the node's hidden name when no handle and no other open needs it."""
+        if node.hidden_path is not None and node.open_count == 0 and node.opening == 0:
+            hidden, node.hidden_path = node.hidden_path, None
+            await self._remove_hidden(hidden)
 
     async def _remove_hidden(self, hidden: str | None) -> None:
         if hidden is None:
@@ -395,6 +401,11 @@ class FilesystemCore:
         kernel's cached pages are kept only if size and mtime did not change.
         """
         node = self.node(ino)
+        if node.detached:
+            # The kernel looked the name up before it was unlinked or replaced
+            # through the mount. ESTALE makes it look the name up again and
+            # retry, so the open reaches the file that has the name now.
+            raise FsError(errno.ESTALE)
         path = self.path(node)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = writable and bool(flags & os.O_TRUNC)
@@ -405,11 +416,24 @@ class FilesystemCore:
                 node.dirty.truncate(0)
             return self._new_handle(Handle(node, flags, writable, node.dirty.remote_size)), True
 
-        if truncate:
-            await self.backend.truncate(path, 0)
-            self._note_remote_size(node, 0)
-        st = await self.backend.open_check(path, writable)
+        # While the sandbox checks the open, a rename or unlink through the
+        # mount may take the name: it counts this open as an open handle.
+        node.opening += 1
+        try:
+            if truncate:
+                await self.backend.truncate(path, 0)
+                self._note_remote_size(node, 0)
+            st = await self.backend.open_check(path, writable)
+        except BaseException:
+            node.opening -= 1
+            await self._drop_hidden_if_unused(node)
+            raise
+        node.opening -= 1
+        if node.detached and node.hidden_path is None:
+            await self._drop_hidden_if_unused(node)
+            raise FsError(errno.ESTALE)
         if st.is_dir:
+            await self._drop_hidden_if_unused(node)
             raise FsError(errno.EISDIR)
         self.remember(node, st)
         version = (st.size, st.mtime_ns)
@@ -478,10 +502,9 @@ class FilesystemCore:
             if staged is not None and remaining == 0:
                 staged.close()
                 node.dirty = None
-            if remaining == 0 and node.hidden_path is not None:
-                hidden, node.hidden_path = node.hidden_path, None
-                await self._remove_hidden(hidden)
             self.table.release(node)
+            # An open under way still needs the hidden name; it removes it if it fails.
+            await self._drop_hidden_if_unused(node)
 
     async def _upload(self, node: Node, staged: StagedFile) -> None:
         """Send a file's pending writes; on failure keep them and raise EIO."""
@@ -493,7 +516,11 @@ class FilesystemCore:
             return
         path = self.path(node)
         try:
-            await staged.upload(self.backend, path)
+            try:
+                await staged.upload(self.backend, path)
+            except BackendError as exc:
+                if exc.code != "permission_denied" or not await self._upload_as_owner(staged, path):
+                    raise
         except BackendError as exc:
             copy = self._save_recovery(staged, path)
             logger.error("upload of %r failed (%s); the written data is kept in %s", path, exc, copy)
@@ -508,6 +535,30 @@ class FilesystemCore:
             return
         self.remember(node, st)
         node.cached_version = (st.size, st.mtime_ns)
+
+    async def _upload_as_owner(self, staged: StagedFile, path: str) -> bool:
+        """Upload to a file whose owner took away its own write bit after opening it.
+
+        A local filesystem checks permission at open, so a descriptor opened
+        for writing goes on writing after fchmod(0o444), as `cp -p` does before
+        it closes. The sandbox checks at each upload instead, which fails for
+        a user without CAP_DAC_OVERRIDE (a job, an Apptainer instance). As the
+        owner may change the mode anyway, the upload adds the write bit, sends
+        the data and puts the mode back. Returns False, changing nothing, when
+        the sandbox user does not own the file or it has the write bit.
+        """
+        st = await self.backend.stat(path, follow=True)
+        if st.uid != self.backend.identity.uid or st.mode & stat_module.S_IWUSR:
+            return False
+        mode = stat_module.S_IMODE(st.mode)
+        await self.backend.chmod(path, mode | stat_module.S_IWUSR)
+        try:
+            await staged.upload(self.backend, path)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.backend.chmod(path, mode)
+        logger.info("uploaded %r with its owner's write bit added for the upload only", path)
+        return True
 
     def _save_recovery(self, staged: StagedFile, path: str) -> str:
         try:

@@ -23,6 +23,8 @@ class Node:
     name: str
     lookups: int = 0
     open_count: int = 0
+    # Opens under way, not yet counted in open_count.
+    opening: int = 0
     # How many names in the table have this node as parent.
     children: int = 0
     # The node's name was unlinked or replaced; operations on it fail with

@@ -180,6 +180,32 @@ def test_chmod_changes_mode_in_sandbox(workdir):
     assert workdir.sandbox.run('stat -c %a -- "$1"', f"{workdir.inside}/c").stdout.strip() == b"751"
 
 
+def test_cp_preserve_of_read_only_file(workdir, tmp_path):
+    source = tmp_path / "frozen.txt"
+    source.write_bytes(b"read-only data\n" * 100)
+    source.chmod(0o444)
+    target = os.path.join(workdir.mnt, "frozen.txt")
+    subprocess.run(["cp", "-p", str(source), target], check=True)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o444
+    assert workdir.sandbox.read(f"{workdir.inside}/frozen.txt") == source.read_bytes()
+
+
+def test_write_after_fchmod_read_only(workdir):
+    # Permission is checked at open: a descriptor opened for writing keeps
+    # writing after the file's mode drops the write bits.
+    path = os.path.join(workdir.mnt, "locked")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"before chmod, ")
+        os.fchmod(fd, 0o400)
+        os.write(fd, b"after chmod")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert workdir.sandbox.read(f"{workdir.inside}/locked") == b"before chmod, after chmod"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+
+
 def test_utime_sets_mtime(workdir):
     path = os.path.join(workdir.mnt, "u")
     with open(path, "wb") as file:

@@ -221,7 +221,8 @@ def test_rename_over_existing_detaches_old_node(tmp_path):
         assert old.detached
         assert not new.detached
         assert core.table.child(core.table.root, "old") is new
-        assert await fs_errno(core.open, old.ino, os.O_RDONLY) == errno.ENOENT
+        # ESTALE makes the kernel look the name up again and open the new file.
+        assert await fs_errno(core.open, old.ino, os.O_RDONLY) == errno.ESTALE
         _, shown = await core.getattr(new.ino)
         assert shown.size == len(b"new contents")
         assert await sandbox_bytes(core, "old") == b"new contents"
@@ -1020,6 +1021,45 @@ def test_failed_unlink_removes_the_hidden_name(tmp_path):
         assert await backend_code(core.unlink, ROOT_INODE, "log") == "permission_denied"
         assert await list_names(core, ROOT) == ["log"]
         assert await core.read(fh, 0, 100) == b"content"
+        await core.release(fh)
+
+    run(check)
+
+
+def test_owner_writes_after_dropping_own_write_bit(tmp_path):
+    core = make_core(tmp_path)
+
+    async def check():
+        await put(core, "locked", b"")
+        fh = await open_file(core, "locked", os.O_WRONLY)
+        node = core.handle(fh).node
+        await core.write(fh, 0, b"before, ")
+        await core.setattr(node.ino, Changes(mode=0o400))
+        await core.write(fh, 8, b"after")
+        # The sandbox checks permission at each write, as a user without
+        # CAP_DAC_OVERRIDE sees it.
+        core.backend.fail("write", "permission_denied")
+        await core.flush(fh)
+        await core.release(fh)
+        assert await sandbox_bytes(core, "locked") == b"before, after"
+        modes = [call.args[1] for call in core.backend.calls_to("chmod")]
+        assert modes == [0o400, 0o600, 0o400]
+        assert recovery_copies(tmp_path) == []
+
+    run(check)
+
+
+def test_write_bit_is_added_only_when_missing(tmp_path):
+    core = make_core(tmp_path)
+
+    async def check():
+        await put(core, "shared", b"")
+        fh = await open_file(core, "shared", os.O_WRONLY)
+        await core.write(fh, 0, b"data")
+        core.backend.fail("write", "permission_denied", times=2)
+        assert await fs_errno(core.flush, fh) == errno.EIO
+        assert core.backend.calls_to("chmod") == []
+        assert len(recovery_copies(tmp_path)) == 1
         await core.release(fh)
 
     run(check)
