@@ -178,6 +178,40 @@ def test_refused_ssh_is_one_line_error(trixie_host, mountpoint):
     assert "refused" in lines[0]
 
 
+def test_unknown_host_key_is_refused(trixie_host, mountpoint, tmp_path):
+    # The user's ssh config decides: with StrictHostKeyChecking and a
+    # known_hosts that lacks the host's key, ssh refuses, and so does the mount.
+    empty_known_hosts = tmp_path / "known_hosts"
+    empty_known_hosts.write_text("")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host checked\n"
+        "    HostName 127.0.0.1\n"
+        f"    Port {trixie_host.ssh_port}\n"
+        "    User root\n"
+        f"    IdentityFile {trixie_host.key}\n"
+        "    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {empty_known_hosts}\n"
+        "    StrictHostKeyChecking yes\n"
+        "    BatchMode yes\n"
+    )
+    log = tmp_path / "mount.log"
+    result = sandboxfs(
+        "mount", "--debug", "--log-file", str(log), "--ssh-command", f"ssh -F {config}",
+        "apptainer://box?via=ssh://checked", mountpoint, check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "Host key verification failed" in lines[0]
+    assert not os.path.ismount(mountpoint)
+    # The private key's content never reaches the log, even with --debug.
+    with open(trixie_host.key, encoding="utf-8") as key:
+        secret_lines = [line for line in key.read().splitlines() if line and not line.startswith("-----")]
+    logged = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    assert not any(line in logged for line in secret_lines)
+
+
 def test_large_file_streams_with_bounded_memory(instances, mount_of, tmp_path):
     sandbox = instances("apptainer-python")
     mount = mount_of(sandbox)
