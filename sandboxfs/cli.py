@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=MountOptions.timeout,
         metavar="SECONDS",
-        help="how long to wait for the sandbox to answer one request before it fails with EIO and the mount "
+        help="how long to wait for the sandbox to reply to one request before it fails with EIO and the mount "
         f"connects again (default {MountOptions.timeout:g})",
     )
     mount_parser.add_argument("--recovery-dir", metavar="DIR", help="where data of failed uploads is kept (default ~/.local/state/sandboxfs/recovery)")

@@ -196,6 +196,7 @@ def test_unknown_host_key_is_refused(trixie_host, mountpoint, tmp_path):
         "    BatchMode yes\n"
     )
     log = tmp_path / "mount.log"
+
     result = sandboxfs(
         "mount", "--debug", "--log-file", str(log), "--ssh-command", f"ssh -F {config}",
         "apptainer://box?via=ssh://checked", mountpoint, check=False,
@@ -205,6 +206,7 @@ def test_unknown_host_key_is_refused(trixie_host, mountpoint, tmp_path):
     assert len(lines) == 1
     assert "Host key verification failed" in lines[0]
     assert not os.path.ismount(mountpoint)
+
     # The private key's content never reaches the log, even with --debug.
     with open(trixie_host.key, encoding="utf-8") as key:
         secret_lines = [line for line in key.read().splitlines() if line and not line.startswith("-----")]

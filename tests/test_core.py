@@ -1036,8 +1036,8 @@ def test_owner_writes_after_dropping_own_write_bit(tmp_path):
         await core.write(fh, 0, b"before, ")
         await core.setattr(node.ino, Changes(mode=0o400))
         await core.write(fh, 8, b"after")
-        # The sandbox checks permission at each write, as a user without
-        # CAP_DAC_OVERRIDE sees it.
+        # The sandbox checks permission at each write, as it does for a user
+        # without CAP_DAC_OVERRIDE.
         core.backend.fail("write", "permission_denied")
         await core.flush(fh)
         await core.release(fh)
