@@ -201,6 +201,12 @@ class Backend(abc.ABC):
     # the filesystem splits larger transfers.
     max_chunk: int = 1 << 20
 
+    # Bytes to fetch ahead of a program that reads a file in order, 0 for
+    # none. It pays where each request is costly (the shell fallback starts
+    # a process per request); over the helper, the kernel's own read-ahead
+    # with several requests in flight is faster.
+    read_ahead: int = 0
+
     # How many times the mount connected to the sandbox again after a fault;
     # a file opened under an older generation may hold stale data.
     generation: int = 0

@@ -34,7 +34,7 @@ import trio
 from .backend import Backend, BackendError, Stat, StatFs
 from .inodes import InodeTable, Node
 from .options import MountOptions
-from .readahead import ReadAhead, limit_for
+from .readahead import ReadAhead
 from .staging import StagedFile
 from .symlinks import contain_target
 
@@ -373,7 +373,7 @@ class FilesystemCore:
 
     def _new_handle(self, handle: Handle) -> int:
         handle.generation = self.backend.generation
-        handle.readahead.limit = limit_for(self.backend.max_chunk)
+        handle.readahead.limit = self.backend.read_ahead
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
@@ -462,6 +462,8 @@ class FilesystemCore:
             path = node.hidden_path or (self.table.path(node) if node.detached else self.path(node))
             return await staged.read(self.backend, path, offset, size)
         path = node.hidden_path or self.path(node)
+        if not self.backend.read_ahead:
+            return await self.backend.read(path, offset, size)
         return await handle.readahead.read(functools.partial(self.backend.read, path), offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -1,8 +1,9 @@
 """Read-ahead for one open file.
 
 The kernel sends reads of at most a few hundred KiB, and each one costs the
-mount a round trip to the sandbox: a request to the helper, or a whole new
-process on the shell fallback. When a program reads a file in order,
+mount a round trip to the sandbox: on the shell fallback, a whole new
+process. For backends that ask for it (`Backend.read_ahead`), when a
+program reads a file in order,
 `ReadAhead` requests more from the sandbox than the kernel requested, doubling
 the amount on each sequential read up to a limit, and serves the following
 reads from what it kept.
@@ -18,21 +19,28 @@ from typing import Awaitable, Callable
 
 import trio
 
-# Bounds of the largest fetch: at least one kernel read request, at most
-# 4 MiB. One open file keeps at most twice the limit.
-MIN_LIMIT = 128 << 10
+# The default most one fetch requests; one open file keeps at most twice it.
 MAX_LIMIT = 4 << 20
 
 Fetch = Callable[[int, int], Awaitable[bytes]]
 
 
-def limit_for(max_chunk: int) -> int:
-    """Return the read-ahead limit for a backend that handles `max_chunk` bytes per request well."""
-    return min(max(max_chunk, MIN_LIMIT), MAX_LIMIT)
+class _Fetch:
+    """A fetch under way: the bytes it will bring, and an event set when it ends."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.done = trio.Event()
 
 
 class ReadAhead:
-    """The bytes fetched past a sequential read, and where the next one is expected."""
+    """The bytes fetched past a sequential read, and where the next one is expected.
+
+    Reads do not wait for each other: the kernel sends several reads of one
+    file at once, and a helper answers them in turn faster than one by one.
+    A read whose bytes a fetch under way will bring waits for that fetch.
+    """
 
     def __init__(self, limit: int = MAX_LIMIT) -> None:
         self.limit = limit
@@ -42,37 +50,51 @@ class ReadAhead:
         self._at_end = False
         self._expected = 0
         self._window = 0
-        # Concurrent reads of one file wait for a fetch under way, which
-        # usually contains the bytes they need.
-        self._lock = trio.Lock()
+        self._fetches: list[_Fetch] = []
+        # Counts `drop` calls, so that a fetch that started before one is not kept.
+        self._version = 0
 
     def drop(self) -> None:
         """Forget the kept bytes, after the file changed through the mount."""
         self._data = b""
         self._at_end = False
         self._window = 0
+        self._version += 1
 
     async def read(self, fetch: Fetch, offset: int, size: int) -> bytes:
         """Return up to `size` bytes at `offset`, from kept bytes or through `fetch`."""
-        async with self._lock:
+        while True:
             kept = self._kept(offset, size)
             if kept is not None:
                 self._expected = offset + len(kept)
                 return kept
-            kept_end = self._start + len(self._data)
-            # The kernel may send the reads of one sequential pass out of
-            # order, so a read that starts where the kept bytes end counts too.
-            if offset not in (self._expected, kept_end):
-                # A random read: fetch what it asks for, and keep what is kept.
-                self._window = 0
-                self._expected = offset + size
-                return await fetch(offset, size)
-            self._window = min(max(self._window * 2, size * 2), self.limit)
-            want = max(size, self._window)
+            under_way = next((f for f in self._fetches if f.start <= offset and offset + size <= f.end), None)
+            if under_way is None:
+                break
+            await under_way.done.wait()
+        # The kernel may send the reads of one sequential pass out of order
+        # or at once, so a read that starts where kept or coming bytes end
+        # counts as sequential too.
+        ends = {self._expected, self._start + len(self._data)} | {f.end for f in self._fetches}
+        if offset not in ends:
+            # A random read: fetch what it asks for, and keep what is kept.
+            self._window = 0
+            self._expected = offset + size
+            return await fetch(offset, size)
+        self._window = min(max(self._window * 2, size * 2), self.limit)
+        want = max(size, self._window)
+        record = _Fetch(offset, offset + want)
+        self._fetches.append(record)
+        version = self._version
+        try:
             data = await fetch(offset, want)
+        finally:
+            self._fetches.remove(record)
+            record.done.set()
+        if version == self._version:
             self._keep(offset, data, at_end=len(data) < want)
-            self._expected = offset + min(size, len(data))
-            return data[:size]
+        self._expected = max(self._expected, offset + min(size, len(data)))
+        return data[:size]
 
     def _keep(self, offset: int, data: bytes, at_end: bool) -> None:
         """Keep fetched bytes: after the kept ones when they follow on, else in their place."""

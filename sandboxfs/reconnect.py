@@ -86,6 +86,7 @@ class ReconnectingBackend(Backend):
         self.root = backend.root
         self.identity = backend.identity
         self.max_chunk = backend.max_chunk
+        self.read_ahead = backend.read_ahead
 
     def _set_health(self, status: str) -> None:
         if status == self.health:

@@ -6,7 +6,7 @@ import os
 
 import trio
 
-from sandboxfs.readahead import MAX_LIMIT, MIN_LIMIT, ReadAhead, limit_for
+from sandboxfs.readahead import MAX_LIMIT, ReadAhead
 
 KiB = 1 << 10
 CONTENT = os.urandom(3 * MAX_LIMIT + 12345)
@@ -128,9 +128,3 @@ def test_drop_forgets_kept_bytes():
         return await readahead.read(source, 4 * KiB, 4 * KiB)
 
     assert trio.run(body) == b"x" * 4 * KiB
-
-
-def test_limit_follows_the_backend_chunk_within_bounds():
-    assert limit_for(1) == MIN_LIMIT
-    assert limit_for(1 << 20) == 1 << 20
-    assert limit_for(1 << 30) == MAX_LIMIT

@@ -35,6 +35,7 @@ class Link:
         self.root = sandbox.root
         self.identity = sandbox.identity
         self.max_chunk = sandbox.max_chunk
+        self.read_ahead = sandbox.read_ahead
 
     def cut(self) -> None:
         self.connected = False

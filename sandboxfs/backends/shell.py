@@ -456,6 +456,7 @@ class ShellBackend(Backend):
     # One call costs a process start in the sandbox (tens of milliseconds
     # with `docker exec`), so transfers use large chunks.
     max_chunk = 4 << 20
+    read_ahead = 4 << 20
 
     def __init__(
         self,
