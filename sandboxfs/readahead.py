@@ -37,9 +37,9 @@ class _Fetch:
 class ReadAhead:
     """The bytes fetched past a sequential read, and where the next one is expected.
 
-    Reads do not wait for each other: the kernel sends several reads of one
-    file at once, and a helper answers them in turn faster than one by one.
-    A read whose bytes a fetch under way will bring waits for that fetch.
+    Reads do not wait for each other, because the kernel sends several
+    reads of one file at once and the sandbox serves them side by side. A
+    read whose bytes a fetch under way will bring waits for that fetch.
     """
 
     def __init__(self, limit: int = MAX_LIMIT) -> None:
@@ -77,7 +77,7 @@ class ReadAhead:
         # counts as sequential too.
         ends = {self._expected, self._start + len(self._data)} | {f.end for f in self._fetches}
         if offset not in ends:
-            # A random read: fetch what it asks for, and keep what is kept.
+            # A random read: fetch only its bytes, and leave the kept ones.
             self._window = 0
             self._expected = offset + size
             return await fetch(offset, size)
