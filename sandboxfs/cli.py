@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
 import sys
 
 from . import __version__
 from .backend import ConnectError
-from .cli_condor import CondorError, add_condor_commands, run_condor
+from .cli_condor import CondorError, add_condor_commands, command_words, run_condor
 from .mount import MountError, mount, mounted, pid_alive, umount
 from .options import MountOptions
 from .recovery import kept_copies
@@ -36,16 +35,6 @@ def _positive_seconds(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: it must be more than 0")
     return value
-
-
-def _command_words(text: str) -> tuple[str, ...]:
-    try:
-        words = tuple(shlex.split(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid command {text!r}: {exc}") from None
-    if not words:
-        raise argparse.ArgumentTypeError("invalid command '': give a program, such as ssh")
-    return words
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount_parser.add_argument(
         "--ssh-command",
-        type=_command_words,
+        type=command_words,
         default=HostCommands.ssh,
         metavar="CMD",
         help="the ssh command and its options for ?via=ssh:// and condor:// sources, split as a shell would, "

@@ -28,7 +28,7 @@ from sandboxfs.condor_jobs import (
 )
 from sandboxfs.sources import CONDOR_LOCAL_HOST
 
-__all__ = ["CondorError", "add_condor_commands", "run_condor"]
+__all__ = ["CondorError", "add_condor_commands", "command_words", "run_condor"]
 
 
 def _positive_int(text: str) -> int:
@@ -37,7 +37,8 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _command_words(text: str) -> tuple[str, ...]:
+def command_words(text: str) -> tuple[str, ...]:
+    """Split a command given as one option value, as a shell would; reject an empty one."""
     try:
         words = tuple(shlex.split(text))
     except ValueError as exc:
@@ -62,7 +63,7 @@ def _add_route_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ssh-command",
-        type=_command_words,
+        type=command_words,
         default=("ssh",),
         metavar="CMD",
         help="the ssh command and its options, split as a shell would, such as 'ssh -F ~/.ssh/cluster' (default: ssh)",

@@ -13,7 +13,6 @@ import errno
 import os
 import shlex
 import subprocess
-import tempfile
 import time
 import uuid
 
@@ -56,14 +55,6 @@ def mounts():
     yield make
     for mount in made:
         mount.close()
-
-
-@pytest.fixture
-def mountpoint():
-    path = tempfile.mkdtemp(prefix="sbxtest-mnt-")
-    yield path
-    subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
-    os.rmdir(path)
 
 
 def mount_error(host, source: str, mountpoint: str) -> str:
