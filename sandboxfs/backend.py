@@ -202,9 +202,9 @@ class Backend(abc.ABC):
     max_chunk: int = 1 << 20
 
     # Bytes to fetch ahead of a program that reads a file in order, 0 for
-    # none. It pays where each request is costly (the shell fallback starts
-    # a process per request); over the helper, the kernel's own read-ahead
-    # with several requests in flight is faster.
+    # none. It pays where each request is costly, as on the shell fallback,
+    # which starts a process per request. Over the helper, the kernel's own
+    # read-ahead with several requests in flight is faster.
     read_ahead: int = 0
 
     # How many times the mount connected to the sandbox again after a fault;
@@ -213,7 +213,7 @@ class Backend(abc.ABC):
 
     @property
     def connected(self) -> bool:
-        """False once the backend knows its connection is lost for good.
+        """False once the backend has found its connection lost for good.
 
         A backend that makes a new connection per request has nothing to lose
         and stays True; its requests report `unavailable` themselves.

@@ -503,10 +503,11 @@ def _detail(result: subprocess.CompletedProcess) -> str:
 # condor_submit and condor_rm tools run on the node. Either way the result is
 # the same job id, and a failure is the same CondorError.
 
-# What HTCondor 23.9 reports when it finds no schedd on the node: condor_submit
-# "ERROR: Can't find address of local schedd", condor_rm "Can't find address
-# for schedd NAME" when the schedd is stopped and "condor_rm: (null)" when no
-# collector answers either, htcondor2 RuntimeError "Unable to locate local daemon.".
+# The messages of HTCondor 23.9 when it finds no schedd on the node:
+# condor_submit "ERROR: Can't find address of local schedd", condor_rm "Can't
+# find address for schedd NAME" when the schedd is stopped and "condor_rm:
+# (null)" when no collector replies either, and htcondor2's RuntimeError
+# "Unable to locate local daemon.".
 _NO_SCHEDD = ("Can't find address", "condor_rm: (null)", "Unable to locate local daemon")
 
 

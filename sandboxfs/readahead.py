@@ -63,15 +63,11 @@ class ReadAhead:
 
     async def read(self, fetch: Fetch, offset: int, size: int) -> bytes:
         """Return up to `size` bytes at `offset`, from kept bytes or through `fetch`."""
-        while True:
-            kept = self._kept(offset, size)
-            if kept is not None:
-                self._expected = offset + len(kept)
-                return kept
-            under_way = next((f for f in self._fetches if f.start <= offset and offset + size <= f.end), None)
-            if under_way is None:
-                break
-            await under_way.done.wait()
+        kept = await self._wait_for_kept(offset, size)
+        if kept is not None:
+            self._expected = offset + len(kept)
+            return kept
+
         # The kernel may send the reads of one sequential pass out of order
         # or at once, so a read that starts where kept or coming bytes end
         # counts as sequential too.
@@ -81,8 +77,26 @@ class ReadAhead:
             self._window = 0
             self._expected = offset + size
             return await fetch(offset, size)
+
         self._window = min(max(self._window * 2, size * 2), self.limit)
         want = max(size, self._window)
+        data = await self._fetch_and_keep(fetch, offset, want)
+        self._expected = max(self._expected, offset + min(size, len(data)))
+        return data[:size]
+
+    async def _wait_for_kept(self, offset: int, size: int) -> bytes | None:
+        """Return the kept bytes for the read, after any fetch under way that brings them."""
+        while True:
+            kept = self._kept(offset, size)
+            if kept is not None:
+                return kept
+            under_way = next((f for f in self._fetches if f.start <= offset and offset + size <= f.end), None)
+            if under_way is None:
+                return None
+            await under_way.done.wait()
+
+    async def _fetch_and_keep(self, fetch: Fetch, offset: int, want: int) -> bytes:
+        """Fetch `want` bytes at `offset` and keep them, unless the file changed meanwhile."""
         record = _Fetch(offset, offset + want)
         self._fetches.append(record)
         version = self._version
@@ -93,8 +107,7 @@ class ReadAhead:
             record.done.set()
         if version == self._version:
             self._keep(offset, data, at_end=len(data) < want)
-        self._expected = max(self._expected, offset + min(size, len(data)))
-        return data[:size]
+        return data
 
     def _keep(self, offset: int, data: bytes, at_end: bool) -> None:
         """Keep fetched bytes: after the kept ones when they follow on, else in their place."""

@@ -2,7 +2,7 @@
 
 A sandbox can go away under a mount and come back: the helper process is
 killed, the container restarts, the ssh connection drops, the sandbox stops
-answering for a while. `ReconnectingBackend` sits between the filesystem
+replying for a while. `ReconnectingBackend` sits between the filesystem
 core and the backend of the current connection, so that the mount outlives
 any one connection:
 
@@ -17,8 +17,8 @@ any one connection:
   connection is dropped: a helper stuck on one request would hold up every
   request queued behind it.
 - While the sandbox cannot be reached, a new connection is tried at once,
-  then no more often than a growing delay allows (up to `MAX_RETRY_DELAY`);
-  requests in between fail at once with ENOTCONN instead of waiting.
+  then no more often than a growing delay allows (up to `MAX_RETRY_DELAY`).
+  Requests in between fail at once with ENOTCONN instead of waiting.
 
 `generation` counts the connections made after the first. The core compares
 it with the one a file was opened under: data cached before a fault may no

@@ -1,8 +1,8 @@
 """Benchmark sandboxfs against a baseline measured in the same run.
 
-There are three backends: a Debian container with python3, served by the
-helper program; a busybox container without python3, served by the shell
-fallback; and a host directory mounted through `local://`. For each, this
+There are three backends. A Debian container with python3 is served by the
+helper program, and a busybox container without python3 by the shell
+fallback. The third is a host directory mounted through `local://`. For each, this
 script starts its own sandbox, mounts it with the `sandboxfs` command, and
 times each operation twice. One run goes through the mount. The other is the
 baseline, which does the same work without sandboxfs: `docker cp` and
@@ -29,7 +29,6 @@ Exit status: 0, 1 when a step or a check fails, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import logging

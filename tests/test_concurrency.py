@@ -1,6 +1,6 @@
 """Several processes using one mount at once, run on every backend.
 
-Each helper runs in its own Python process (`python -c`), so the kernel sees
+Each helper runs in its own Python process (`python -c`), so the kernel gets
 separate processes with their own descriptors, as with real programs.
 """
 

@@ -1,4 +1,4 @@
-"""Faults on real sandboxes: what a program sees, and that the mount comes back.
+"""Faults on real sandboxes: the errors a program gets, and that the mount comes back.
 
 Each test makes its own mount, so that the fault it causes reaches no other
 test. Connections are dropped by killing processes this mount started: its
@@ -196,14 +196,15 @@ def test_stopped_container_fails_fast_then_recovers_when_started(image, new_cont
         assert errno_of(os.listdir, mount.path) in (errno.ENOTCONN, errno.EIO)
         assert time.monotonic() - started < 15
     _, status = status_of(mount)
-    assert status.startswith("broken:") and name in status
+    assert status.startswith("broken:")
+    assert name in status
 
     docker("start", name)
     assert wait_until(lambda: os.listdir(mount.path)) == ["f"]
     assert status_of(mount)[1] == "ok"
 
 
-# A sandbox that stops answering.
+# A sandbox that stops replying.
 
 
 def process_state(pid: int) -> str:
@@ -211,7 +212,7 @@ def process_state(pid: int) -> str:
         return file.read().rsplit(")", 1)[1].split()[0]
 
 
-def test_frozen_sandbox_gives_eio_after_the_timeout_then_recovers(image, new_container, mount_of):
+def test_frozen_sandbox_eio_then_recovers(image, new_container, mount_of):
     name = new_container(image)
     Sandbox("docker", "/tmp", name).run("printf data > /tmp/f")
     mount = mount_of(f"docker://{name}:/tmp", "--timeout", "3", "--attr-timeout", "0", "--entry-timeout", "0")
@@ -244,7 +245,7 @@ def test_frozen_sandbox_gives_eio_after_the_timeout_then_recovers(image, new_con
 # A full disk in the sandbox.
 
 
-def test_full_sandbox_disk_gives_enospc_and_keeps_the_data(image, new_container, mount_of):
+def test_full_disk_enospc_keeps_data(image, new_container, mount_of):
     name = new_container(image, "--tmpfs", "/small:size=1m")
     sandbox = Sandbox("docker", "/small", name)
     mount = mount_of(f"docker://{name}:/small")
@@ -261,7 +262,8 @@ def test_full_sandbox_disk_gives_enospc_and_keeps_the_data(image, new_container,
     assert len(kept) == 1
     with open(os.path.join(mount.recovery_dir, kept[0]), "rb") as copy:
         assert copy.read() == data
-    assert "too-big" in mount.log() and kept[0] in mount.log()
+    assert "too-big" in mount.log()
+    assert kept[0] in mount.log()
 
     # Once there is room, writes work again.
     sandbox.run("rm -f /small/too-big")

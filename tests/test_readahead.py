@@ -104,7 +104,7 @@ def test_sequential_reads_after_a_seek_fetch_ahead():
     assert source.fetches == [(MAX_LIMIT, 4 * KiB), (MAX_LIMIT + 4 * KiB, 8 * KiB), (MAX_LIMIT + 12 * KiB, 16 * KiB)]
 
 
-def test_end_of_file_is_known_from_a_short_fetch():
+def test_short_fetch_marks_end_of_file():
     source = Source(b"short")
     readahead = ReadAhead(MAX_LIMIT)
 

@@ -268,11 +268,11 @@ def assert_not_reachable(path: str) -> None:
 
 
 def outside_directory(workdir: Workdir) -> str:
-    """Return a new path outside the sandbox root that the backend sees too."""
+    """Return a new path outside the sandbox root that the backend can reach too."""
     base = "/tmp"
     if workdir.sandbox.kind.startswith("condor"):
         # HTCondor gives a job a private /tmp, so `Sandbox.run`, which runs
-        # beside the job, would write another /tmp than the job sees.
+        # beside the job, would write another /tmp than the job uses.
         base = workdir.sandbox.run('printf %s "$HOME"').stdout.decode()
     return f"{base}/sbx-outside-{uuid.uuid4().hex[:8]}"
 
@@ -327,7 +327,7 @@ def test_symlink_replaced_by_directory_is_followed_inside(workdir):
         assert file.read() == b"inside"
 
 
-def test_hard_link_from_outside_root_is_a_plain_file(workdir):
+def test_outside_hard_link_is_plain_file(workdir):
     outside = outside_directory(workdir)
     made = workdir.sandbox.run(
         'printf shared > "$1" && ln -- "$1" "$2/hard"', outside, workdir.inside, check=False
@@ -367,7 +367,7 @@ def run_as_nobody(*argv: str) -> subprocess.CompletedProcess:
 def debug_mounts(mounts):
     """A second mount per backend with --debug and --allow-other, made on first use.
 
-    The mount process's environment holds SANDBOXFS_TEST_SECRET, whose
+    The mount process's environment contains SANDBOXFS_TEST_SECRET, whose
     value must never appear in its log.
     """
     made: dict[str, tuple[Mount, str]] = {}

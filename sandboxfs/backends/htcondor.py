@@ -236,7 +236,7 @@ async def _close_when_job_ends(
     so the kernel would not end the FUSE connection at unmount, and sandboxfs
     would never see the unmount.
     """
-    # A session started later, by a reconnect, holds such a copy too; the
+    # A session started later, by a reconnect, keeps such a copy too. The
     # mount server then ends itself once its own namespace has lost the mount.
     with scope:
         process = await trio.lowlevel.open_process(
